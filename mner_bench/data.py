@@ -154,7 +154,7 @@ def write_conll(tweets: Iterable[Tweet], path: str | os.PathLike, predicted: Seq
     with open(path, "w", encoding="utf-8") as fh:
         for i, tw in enumerate(tweets):
             fh.write(f"IMGID:{tw.imgid}\n")
-            for j, (tok, tag) in enumerate(zip(tw.tokens, tw.tags)):
+            for j, (tok, tag) in enumerate(zip(tw.tokens, tw.tags, strict=True)):
                 if predicted is None:
                     fh.write(f"{tok}\t{tag}\n")
                 else:

@@ -68,7 +68,7 @@ def score(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]], types: S
     n_gold: Counter = Counter()
     n_pred: Counter = Counter()
     n_ok: Counter = Counter()
-    for i, (g, p) in enumerate(zip(gold, pred)):
+    for i, (g, p) in enumerate(zip(gold, pred, strict=True)):
         if len(g) != len(p):
             raise ValueError(f"sequence {i}: {len(g)} gold tags but {len(p)} predicted")
         ge = set(get_entities(g))

@@ -219,7 +219,7 @@ class MnerModel(nn.Module):
         emissions, _ = self._emissions(batch)
         best = self.decoder.decode(emissions.float(), batch.text.word_mask)
         out = []
-        for seq, n in zip(best, batch.text.num_words.tolist()):
+        for seq, n in zip(best, batch.text.num_words.tolist(), strict=True):
             out.append(list(seq) + [0] * (n - len(seq)))
         return out
 

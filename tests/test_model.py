@@ -52,7 +52,7 @@ def test_words_past_the_length_limit_are_predicted_o_and_counted(tweets):
     assert split.words_unseen > 0
     batch = Batcher(model.text_encoder.tokenizer.pad_token_id)(split, range(len(tweets)))
     pred = model.eval().predict(batch)
-    for seq, enc in zip(pred, split.encoded):
+    for seq, enc in zip(pred, split.encoded, strict=True):
         assert len(seq) == enc.num_words
         assert all(t == 0 for t in seq[len(enc.word_starts):])
 

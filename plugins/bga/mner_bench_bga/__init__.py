@@ -1,0 +1,1 @@
+"""BGA-MNER: Bidirectional Generative Alignment for multimodal NER (method ``bga``)."""
