@@ -1,9 +1,11 @@
-"""The core's own plugin: the Hugging Face text encoder, the CRF and softmax decoders, the
-text-only aligner and the Twitter2015/2017 data sets. Registered through the entry point
-``core`` exactly like any other plugin."""
+"""The core's own plugin: the Hugging Face text encoder, the visual encoders (CLIP ViT-B/32,
+ResNet-152), the CRF and softmax decoders, the text-only aligner, the Twitter2015/2017 data
+sets and the generated ``synth-*`` sets, and the per-epoch image-loading time. Registered
+through the entry point ``core`` exactly like any other plugin."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from torch import nn
@@ -14,6 +16,10 @@ from .encoders import HfTextEncoder, HfTextEncoderConfig
 from .hookspecs import hookimpl
 from .model import Aligner, AlignerOutput
 from .registry import ComponentSpec, DatasetSpec
+from .synth import synth_image_loader, synth_loader
+from .visual import ClipVitConfig, ClipVitEncoder, ResNetConfig, ResNetEncoder
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -65,4 +71,42 @@ def mner_bench_datasets():
                     aliases=("t15",), has_images=True),
         DatasetSpec("twitter2017", twitter_loader("twitter2017"), "Twitter2017 (Lu et al. 2018; UMT release)",
                     aliases=("t17",), has_images=True),
+        DatasetSpec("synth-ambiguous", synth_loader("ambiguous"),
+                    "generated: names of every type, only the image tells the type (data.synth.*)",
+                    has_images=True, image_loader=synth_image_loader("ambiguous")),
+        DatasetSpec("synth-consistent", synth_loader("consistent"),
+                    "generated: each name has one type, text alone suffices (data.synth.*)",
+                    has_images=True, image_loader=synth_image_loader("consistent")),
     ]
+
+
+@hookimpl
+def mner_bench_visual_encoders():
+    return [
+        ComponentSpec("clip-vit-b32", ClipVitConfig, lambda cfg: ClipVitEncoder(cfg),
+                      "open_clip ViT-B/32: CLS + 49 patch tokens of width 768 (pretrained if cached)"),
+        ComponentSpec("resnet152", ResNetConfig, lambda cfg: ResNetEncoder(cfg),
+                      "torchvision ResNet-152: 7x7 grid of 2048-d regions (pretrained if cached)"),
+    ]
+
+
+# --------------------------------------------------------------------------- image-loading time
+
+
+@hookimpl
+def mner_bench_epoch_start(run, epoch, num_steps):
+    provider = run.extras.get("image_provider")
+    if provider is not None:
+        provider.start_epoch()
+
+
+@hookimpl
+def mner_bench_epoch_end(run, epoch, metrics):
+    """Logs ``image_load_seconds_epoch``: time spent loading images for this epoch's training
+    and dev batches (see :mod:`mner_bench.images`)."""
+    provider = run.extras.get("image_provider")
+    if provider is None:
+        return
+    seconds = provider.end_epoch()
+    log.debug("epoch %d: %.2f s loading images", epoch, seconds)
+    run.hook.mner_bench_log_metrics(run=run, metrics={"image_load_seconds_epoch": seconds}, step=epoch)

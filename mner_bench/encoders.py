@@ -56,6 +56,9 @@ class HfTextEncoder(TextEncoder):
     def __init__(self, cfg: HfTextEncoderConfig):
         super().__init__()
         from transformers import AutoConfig, AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
         path = resolve_model_path(cfg.name)
         try:

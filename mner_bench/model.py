@@ -9,7 +9,8 @@ H hidden width, T tags):
 * an :class:`Aligner` lets text and image interact and returns states ``[B, L, H']`` plus
   any auxiliary losses;
 * the model gathers each word's first sub-token state ``[B, W, H']``;
-* a :class:`Decoder` scores tags ``[B, W, T]``, gives the loss and decodes.
+* a :class:`Decoder` scores tags ``[B, W, T]`` (which an aligner may remap through
+  :attr:`AlignerOutput.emission_fn`), gives the loss and decodes.
 
 Words the encoder could not see (past the length limit) have ``word_mask = False``: they get
 no loss and are predicted ``O``; the trainer counts them.
@@ -17,6 +18,7 @@ no loss and are predicted ``O``; the trainer counts them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -109,11 +111,16 @@ class AlignerOutput:
     :ivar hidden: ``[B, L, H']`` sub-token states for the decoder.
     :ivar losses: auxiliary losses already weighted, added to the decoder's loss in training.
     :ivar logs: extra scalars to report per epoch (averaged), for example unweighted loss parts.
+    :ivar emission_fn: optional hook ``[B, W, T] -> [B, W, T]`` that the model applies to the
+        decoder's word-level tag scores before the loss and decoding, so that an aligner with
+        its own word-level head can mix its scores in (UMT mixes in its span-detection scores).
+        None (the default, and every text-only aligner) leaves the decoder's scores unchanged.
     """
 
     hidden: torch.Tensor
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
     logs: dict[str, float] = field(default_factory=dict)
+    emission_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass
@@ -199,7 +206,10 @@ class MnerModel(nn.Module):
     def _emissions(self, batch: Batch) -> tuple[torch.Tensor, AlignerOutput]:
         out = self.aligner(batch, self.text_encoder, self.visual_encoder)
         words = gather_words(out.hidden, batch.text.word_starts)
-        return self.decoder.emissions(words), out
+        emissions = self.decoder.emissions(words)
+        if out.emission_fn is not None:
+            emissions = out.emission_fn(emissions)
+        return emissions, out
 
     def forward(self, batch: Batch) -> ModelOutput:
         if batch.tags is None:

@@ -41,12 +41,17 @@ class ComponentSpec:
     :param config_class: a dataclass with the component's settings (its defaults).
     :param factory: ``factory(cfg, **context)`` builds the component from its config node.
     :param description: one line for ``mner-bench list``.
+    :param text_only_inference: aligners only: ``f(cfg) -> bool``, True when the configured
+        aligner runs on text alone at inference, so that prediction builds the model without its
+        visual encoder (and never imports it). The aligner's factory then gets
+        ``visual_encoder=None`` and ``inference=True``.
     """
 
     name: str
     config_class: type
     factory: Callable[..., Any]
     description: str = ""
+    text_only_inference: Callable[[Any], bool] | None = None
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,10 @@ class DatasetSpec:
 
     :param splits: the split names it has (``train``, ``dev``, ``test``).
     :param aliases: short names that resolve to this one.
+    :param image_loader: for a data set that brings its own images (generated ones, for
+        example): ``image_loader(cfg)`` (``cfg`` = the run's ``data`` config) returns a function
+        ``IMGID -> PIL.Image.Image | None`` (None: the tweet has no image). Used by
+        :mod:`mner_bench.images` unless ``data.image_dir`` names a folder.
     """
 
     name: str
@@ -64,6 +73,7 @@ class DatasetSpec:
     aliases: tuple[str, ...] = ()
     has_images: bool = False
     config_class: type | None = None
+    image_loader: Callable[[Any], Callable[[str], Any]] | None = None
 
 
 @dataclass(frozen=True)

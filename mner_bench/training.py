@@ -21,7 +21,7 @@ import random
 import statistics
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -152,17 +152,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model(cfg: DictConfig, registry: Registry) -> MnerModel:
-    """Build a method's model from its resolved config."""
+def build_model(cfg: DictConfig, registry: Registry, inference: bool = False) -> MnerModel:
+    """Build a method's model from its resolved config.
+
+    With ``inference=True``, an aligner that runs on text alone at inference (see
+    :attr:`~mner_bench.registry.ComponentSpec.text_only_inference`) is built without the visual
+    encoder; ``model.skipped_at_inference`` then names the state-dict prefixes left out.
+    """
     text = registry.create_component("text_encoder", cfg.text_encoder.type, cfg.text_encoder)
+    aligner_spec = registry.spec("aligner", cfg.aligner.type)
+    text_only = inference and aligner_spec.text_only_inference is not None and aligner_spec.text_only_inference(cfg.aligner)
     visual = None
-    if cfg.visual_encoder is not None:
+    if cfg.visual_encoder is not None and not text_only:
         visual = registry.create_component("visual_encoder", cfg.visual_encoder.type, cfg.visual_encoder)
-    aligner = registry.create_component("aligner", cfg.aligner.type, cfg.aligner, text_encoder=text, visual_encoder=visual)
+    extra = {"inference": True} if text_only else {}
+    aligner = aligner_spec.factory(cfg.aligner, text_encoder=text, visual_encoder=visual, **extra)
     decoder = registry.create_component(
         "decoder", cfg.decoder.type, cfg.decoder, input_size=aligner.output_size, num_tags=len(TAGS), labels=TAGS
     )
-    return MnerModel(text, aligner, decoder, visual)
+    model = MnerModel(text, aligner, decoder, visual)
+    model.skipped_at_inference = ["visual_encoder."] + list(getattr(aligner, "skipped_at_inference", [])) if text_only else []
+    return model
 
 
 def make_optimizer(model: MnerModel, cfg: DictConfig, total_steps: int):
@@ -287,10 +297,64 @@ def unique_dir(parent: Path, name: str) -> Path:
 # --------------------------------------------------------------------------- the run
 
 
-def run(cfg: DictConfig, registry: Registry) -> RunResult:
-    """Train and evaluate one configured run; report through the lifecycle hooks."""
+@dataclass
+class TrainState:
+    """What a resumed run needs besides the model, optimizer and scheduler states."""
+
+    epoch: int = 0
+    best_f1: float = -1.0
+    best_epoch: int = 0
+    best_dev: dict | None = None
+
+
+def _rng_states() -> dict[str, Any]:
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def locate_run(target: str | Path, tracking_uri: str | None = None) -> Path:
+    """The output folder of a run given as that folder or as an MLflow run id (its ``output_dir`` tag)."""
+    path = Path(target)
+    if path.is_dir():
+        return path
+    try:
+        from .tracking import connect, resolve_uri
+
+        return Path(connect(resolve_uri(tracking_uri)).get_run(str(target)).data.tags["output_dir"])
+    except Exception as exc:
+        raise ConfigError(f"'{target}' is neither a run's output folder nor an MLflow run id of this store ({exc})") from None
+
+
+def resolve_resume(target: str, tracking_uri: str | None = None) -> Path:
+    """The output folder of a run to resume (see :func:`locate_run`); it must hold ``last.pt``."""
+    folder = locate_run(target, tracking_uri)
+    if not (folder / "checkpoints" / "last.pt").exists():
+        raise ConfigError(f"--resume {target}: {folder} has no checkpoints/last.pt to resume from "
+                          f"(the run finished, or ran with train.save_checkpoint=false)")
+    return folder
+
+
+def run(cfg: DictConfig, registry: Registry, resume: Path | None = None) -> RunResult:
+    """Train and evaluate one configured run; report through the lifecycle hooks.
+
+    With ``resume`` (an output folder holding ``checkpoints/last.pt``), the run continues after
+    the last finished epoch with the model, optimizer, scheduler and random states it had, in the
+    same folder and the same MLflow run, and ends exactly as an uninterrupted run would.
+    """
     seed_everything(cfg.seed)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    threads = os.environ.get("MNER_BENCH_NUM_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))
     device = pick_device(cfg.train.device)
     amp = autocast_dtype(cfg.train.precision, device)
 
@@ -301,11 +365,22 @@ def run(cfg: DictConfig, registry: Registry) -> RunResult:
     test_ds = registry.spec("dataset", cfg.data.eval_dataset) if cfg.data.eval_dataset else ds
     test_tweets = test_ds.loader("test", cfg.data)
 
-    run_name = cfg.run_name or default_run_name(cfg)
-    out_dir = unique_dir(Path(cfg.output_dir), run_name)
-    OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
-    if cfg.data.shots is not None:
-        (out_dir / "shots.txt").write_text("".join(f"{t.imgid}\n" for t in train_tweets))
+    checkpoint = None
+    if resume is None:
+        run_name = cfg.run_name or default_run_name(cfg)
+        out_dir = unique_dir(Path(cfg.output_dir), run_name)
+        OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
+        if cfg.data.shots is not None:
+            (out_dir / "shots.txt").write_text("".join(f"{t.imgid}\n" for t in train_tweets))
+    else:
+        out_dir = Path(resume)
+        checkpoint = torch.load(out_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+        run_name = checkpoint["run_name"]
+        if cfg.data.shots is not None:
+            saved = (out_dir / "shots.txt").read_text().split()
+            if saved != [t.imgid for t in train_tweets]:
+                raise MnerBenchError(f"{out_dir}/shots.txt does not match the training subset drawn now; "
+                                     f"the data changed since the run started")
 
     model = build_model(cfg, registry).to(device)
     ctx = RunContext(cfg, out_dir, run_name, registry)
@@ -329,85 +404,120 @@ def run(cfg: DictConfig, registry: Registry) -> RunResult:
     total = steps_per_epoch * cfg.train.epochs
     opt, sched = make_optimizer(model, cfg, total)
     shuffle_rng = random.Random(cfg.seed)
+    state = TrainState()
+    best_state = None
+    ckpt_dir = out_dir / "checkpoints"
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        opt.load_state_dict(checkpoint["optimizer"])
+        sched.load_state_dict(checkpoint["scheduler"])
+        shuffle_rng.setstate(checkpoint["shuffle_rng"])
+        _set_rng_states(checkpoint["rng"])
+        state = TrainState(**checkpoint["state"])
+        best_state = torch.load(ckpt_dir / "best.pt", map_location="cpu", weights_only=False)["model"]
+        ctx.extras["resume_run_id"] = checkpoint.get("mlflow_run_id")
+        ctx.tags["resumed_from_epoch"] = str(state.epoch)
 
     registry.hook.mner_bench_run_start(run=ctx)
     try:
-        best_f1, best_epoch, best_state, best_dev = -1.0, 0, None, None
-        for epoch in range(1, cfg.train.epochs + 1):
-            model.train()
-            registry.hook.mner_bench_epoch_start(run=ctx, epoch=epoch, num_steps=steps_per_epoch)
-            sums: dict[str, float] = {}
-            n_steps = 0
-            for step, batch in enumerate(batcher.iterate(enc_train, cfg.train.batch_size, shuffle_rng), 1):
-                batch = batch.to(device)
-                with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                    out = model(batch)
-                loss = out.loss
-                if not torch.isfinite(loss):
-                    raise TrainingError(
-                        f"the training loss became {float(loss)} at epoch {epoch}, step {step}; "
-                        f"try a lower train.lr / train.head_lr. The last good checkpoint is kept in {out_dir}."
-                    )
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.train.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-                opt.step()
-                sched.step()
-                n_steps += 1
-                sums["train_loss"] = sums.get("train_loss", 0.0) + float(loss.detach())
-                for k, v in out.parts.items():
-                    if k != "loss_decoder":
-                        sums[k] = sums.get(k, 0.0) + v
-                registry.hook.mner_bench_step_end(run=ctx, epoch=epoch, step=step, loss=float(loss.detach()))
+        for epoch in range(state.epoch + 1, cfg.train.epochs + 1):
+            metrics = _train_epoch(model, batcher, enc_train, cfg, device, amp, opt, sched, shuffle_rng, ctx, epoch)
             dev_scores, _ = evaluate(model, batcher, enc_dev, cfg, device, amp, ctx, "dev")
-            metrics = {k: v / max(n_steps, 1) for k, v in sums.items()}
             metrics["dev_f1"] = dev_scores.f1
-            if dev_scores.f1 > best_f1:
-                best_f1, best_epoch, best_dev = dev_scores.f1, epoch, dev_scores
+            state.epoch = epoch
+            if dev_scores.f1 > state.best_f1:
+                state.best_f1, state.best_epoch = dev_scores.f1, epoch
+                state.best_dev = _scores_dict(dev_scores)
                 best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
                 if cfg.train.save_checkpoint:
-                    (out_dir / "checkpoints").mkdir(exist_ok=True)
-                    _atomic_torch_save({"model": best_state, "epoch": epoch, "dev_f1": best_f1},
-                                       out_dir / "checkpoints" / "best.pt")
-            metrics["best_dev_f1"] = best_f1
+                    ckpt_dir.mkdir(exist_ok=True)
+                    _atomic_torch_save({"model": best_state, "epoch": epoch, "dev_f1": state.best_f1}, ckpt_dir / "best.pt")
+            metrics["best_dev_f1"] = state.best_f1
+            if cfg.train.save_checkpoint:
+                _atomic_torch_save({
+                    "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "shuffle_rng": shuffle_rng.getstate(), "rng": _rng_states(), "state": asdict(state),
+                    "run_name": run_name, "mlflow_run_id": ctx.extras.get("mlflow_run_id"),
+                }, ckpt_dir / "last.pt")
+            with open(out_dir / "history.jsonl", "a") as fh:
+                fh.write(json.dumps({"epoch": epoch, **metrics}) + "\n")
             registry.hook.mner_bench_epoch_end(run=ctx, epoch=epoch, metrics=metrics)
 
         # Test the checkpoint chosen on dev (never the best test score over epochs).
         model.load_state_dict(best_state)
-        test_scores, test_pred = evaluate(model, batcher, enc_test, cfg, device, amp, ctx, "test")
-        final: dict[str, float] = {}
-        final.update(test_scores.as_metrics("test"))
-        final["dev_f1"] = best_dev.f1
-        final["best_epoch"] = best_epoch
-        final["test_words_unseen"] = enc_test.words_unseen
-        final.update({k: float(v) for k, v in ctx.params.items()})
-        final["train_tweets"] = len(enc_train)
-        if cfg.tracking.measure_speed:
-            final.update(measure_speed(model, batcher, enc_test, device, amp, cfg.tracking.speed_tweets))
-        final.update(ctx.extras.get("final_metrics", {}))
-
-        pred_path = out_dir / "predictions.txt"
-        write_conll(test_tweets, pred_path, test_pred)
-        metrics_path = out_dir / "metrics.json"
-        _write_json({
-            "test": {"precision": test_scores.precision, "recall": test_scores.recall, "f1": test_scores.f1,
-                     "per_type": test_scores.per_type, "counts": test_scores.counts},
-            "dev": {"precision": best_dev.precision, "recall": best_dev.recall, "f1": best_dev.f1,
-                    "per_type": best_dev.per_type},
-            "metrics": final,
-        }, metrics_path)
-        artifacts = {"config": out_dir / "config.yaml", "predictions": pred_path, "metrics": metrics_path}
-        if cfg.data.shots is not None:
-            artifacts["shots"] = out_dir / "shots.txt"
-        result = RunResult(final, artifacts, best_dev, test_scores, best_epoch, out_dir)
+        result = _finish(model, batcher, cfg, device, amp, ctx, state, enc_train, enc_test, test_tweets)
         registry.hook.mner_bench_run_finish(run=ctx, result=result)
+        (ckpt_dir / "last.pt").unlink(missing_ok=True)  # finished: nothing to resume; best.pt stays
         result.tracking_id = ctx.extras.get("mlflow_run_id")
         result.tracking_uri = ctx.extras.get("mlflow_uri")
         return result
     except BaseException as exc:
         registry.hook.mner_bench_run_failed(run=ctx, error=exc)
         raise
+
+
+def _train_epoch(model, batcher, enc_train, cfg, device, amp, opt, sched, shuffle_rng, ctx, epoch) -> dict[str, float]:
+    """One epoch of optimizer steps; returns the epoch's mean loss and mean auxiliary parts."""
+    model.train()
+    steps = math.ceil(len(enc_train) / cfg.train.batch_size)
+    ctx.hook.mner_bench_epoch_start(run=ctx, epoch=epoch, num_steps=steps)
+    sums: dict[str, float] = {}
+    n_steps = 0
+    for step, batch in enumerate(batcher.iterate(enc_train, cfg.train.batch_size, shuffle_rng), 1):
+        batch = batch.to(device)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            out = model(batch)
+        loss = out.loss
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"the training loss became {loss.item()} at epoch {epoch}, step {step}; try a lower "
+                f"train.lr / train.head_lr. The last good checkpoint is kept in {ctx.output_dir / 'checkpoints'}."
+            )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        opt.step()
+        sched.step()
+        n_steps += 1
+        value = float(loss.detach())
+        sums["train_loss"] = sums.get("train_loss", 0.0) + value
+        for k, v in out.parts.items():
+            if k != "loss_decoder":
+                sums[k] = sums.get(k, 0.0) + v
+        ctx.hook.mner_bench_step_end(run=ctx, epoch=epoch, step=step, loss=value)
+    return {k: v / max(n_steps, 1) for k, v in sums.items()}
+
+
+def _scores_dict(s: Scores) -> dict:
+    return {"precision": s.precision, "recall": s.recall, "f1": s.f1, "per_type": s.per_type, "counts": s.counts}
+
+
+def _finish(model, batcher, cfg, device, amp, ctx, state, enc_train, enc_test, test_tweets) -> RunResult:
+    """Score the test set with the selected model; write predictions and metrics."""
+    test_scores, test_pred = evaluate(model, batcher, enc_test, cfg, device, amp, ctx, "test")
+    best_dev = Scores(**state.best_dev)
+    final: dict[str, float] = {}
+    final.update(test_scores.as_metrics("test"))
+    final["dev_f1"] = best_dev.f1
+    final["best_epoch"] = state.best_epoch
+    final["test_words_unseen"] = enc_test.words_unseen
+    final.update({k: float(v) for k, v in ctx.params.items()})
+    final["train_tweets"] = len(enc_train)
+    if cfg.tracking.measure_speed:
+        final.update(measure_speed(model, batcher, enc_test, device, amp, cfg.tracking.speed_tweets))
+    final.update(ctx.extras.get("final_metrics", {}))
+
+    out_dir = ctx.output_dir
+    pred_path = out_dir / "predictions.txt"
+    write_conll(test_tweets, pred_path, test_pred)
+    metrics_path = out_dir / "metrics.json"
+    _write_json({"test": _scores_dict(test_scores), "dev": state.best_dev, "metrics": final}, metrics_path)
+    artifacts = {"config": out_dir / "config.yaml", "predictions": pred_path, "metrics": metrics_path,
+                 "history": out_dir / "history.jsonl"}
+    if cfg.data.shots is not None:
+        artifacts["shots"] = out_dir / "shots.txt"
+    return RunResult(final, artifacts, best_dev, test_scores, state.best_epoch, out_dir)
 
 
 def _image_provider(cfg: DictConfig, model: MnerModel, ctx: RunContext):

@@ -25,6 +25,18 @@ TINY_TEXT = [
     "text_encoder.overrides.intermediate_size=64",
 ]
 
+#: per-method overrides added to TINY_TEXT by :func:`tiny_overrides` (a multimodal method
+#: shrinks its visual encoder here: every visual encoder has a ``tiny`` test configuration)
+TINY_METHOD: dict[str, list[str]] = {
+    "bga": ["visual_encoder.tiny=true"],
+    "umt": ["visual_encoder.tiny=true"],
+}
+
+
+def tiny_overrides(method: str) -> list[str]:
+    """The overrides that make ``method`` tiny: TINY_TEXT plus the method's own ones."""
+    return [*TINY_TEXT, *TINY_METHOD.get(method, [])]
+
 FIXTURE_CONLL = """IMGID:1
 RT\tO
 @user\tO

@@ -11,7 +11,7 @@ from mner_bench.labels import TAGS
 from mner_bench.registry import get_registry
 from mner_bench.training import Batcher, build_model, encode_split
 
-from .conftest import FIXTURE_CONLL, TINY_TEXT
+from .conftest import FIXTURE_CONLL, TINY_TEXT, tiny_overrides
 
 METHODS = get_registry().list_components("method")
 
@@ -26,7 +26,7 @@ def tweets():
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_trains_and_decodes_every_word(method, tweets):
     torch.manual_seed(0)
-    cfg = resolve_config(get_registry(), method, None, TINY_TEXT)
+    cfg = resolve_config(get_registry(), method, None, tiny_overrides(method))
     model = build_model(cfg, get_registry())
     split = encode_split(tweets, model, 128)
     batcher = Batcher(model.text_encoder.tokenizer.pad_token_id, None)

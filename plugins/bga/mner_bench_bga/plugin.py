@@ -1,4 +1,63 @@
-"""The BGA-MNER plugin: registers its aligner and the ``bga`` method through the
-``mner_bench`` entry point (work in progress: nothing is registered yet)."""
+"""The BGA-MNER plugin: registers the ``bga`` aligner and the ``bga`` method through the
+``mner_bench`` entry point."""
 
 from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from mner_bench.errors import ConfigError
+from mner_bench.hookspecs import hookimpl
+from mner_bench.registry import ComponentSpec, MethodSpec
+
+from .model import BgaAligner, BgaAlignerConfig
+
+CONFIGS = Path(__file__).parent / "configs"
+
+
+def inference_dims(aligner_cfg) -> tuple[int, int, int]:
+    """(width, tokens, blocks) of the run's visual encoder, read without its weights: the
+    architecture is built on the ``meta`` device (no memory, no file read, pretrained off), so
+    that image-free inference can build ``G_t2v`` without the visual encoder."""
+    from mner_bench.registry import get_registry
+
+    root = aligner_cfg._get_parent() if isinstance(aligner_cfg, DictConfig) else None
+    vcfg = root.get("visual_encoder") if root is not None else None
+    if vcfg is None:
+        raise ConfigError("aligner.type=bga: the run config names no visual_encoder to size the generators from")
+    spec = get_registry().spec("visual_encoder", vcfg.type)
+    node = OmegaConf.merge(OmegaConf.structured(spec.config_class), vcfg)
+    for key, value in (("pretrained", None), ("weights", None), ("require_pretrained", False), ("freeze", False)):
+        if key in node:
+            node[key] = value
+    quiet = logging.getLogger("mner_bench.visual")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # no "random weights" warning for a shape-only build
+    try:
+        with torch.device("meta"):
+            enc = spec.factory(node)
+    finally:
+        quiet.setLevel(level)
+    return enc.hidden_size, enc.num_tokens, len(enc.blocks)
+
+
+def make_aligner(cfg, text_encoder, visual_encoder=None, inference: bool = False) -> BgaAligner:
+    dims = inference_dims(cfg) if inference and visual_encoder is None and cfg.mcg else None
+    return BgaAligner(cfg, text_encoder, visual_encoder, dims)
+
+
+@hookimpl
+def mner_bench_aligners():
+    return [ComponentSpec("bga", BgaAlignerConfig, make_aligner,
+                          "BGA-MNER: bidirectional generative alignment (SCS + MCG), image-free inference",
+                          text_only_inference=lambda cfg: not cfg.mcg or cfg.inference_visual == "generated")]
+
+
+@hookimpl
+def mner_bench_methods():
+    return [MethodSpec("bga", CONFIGS / "bga.yaml",
+                       "BGA-MNER: MiniLM + CLIP ViT-B/32, BGA layers, CRF; no image needed at inference",
+                       multimodal=True)]

@@ -1,0 +1,245 @@
+"""Alignment analysis of a trained BGA-MNER run (the paper's Figure 3): are the visual
+features generated from a tweet's text closer to its own image than to other images?
+
+For every tweet of the chosen split that has a valid image, the trained model runs its BGA
+layers in eval mode with the visual branch on (``mode=generate``: both generators, the visual
+stream as in training, no dropout, SCS argmax). At each BGA layer l this gives
+
+* ``V_hat_i^l [N_v, d_v]``, generated from tweet i's text alone (image-free inference uses it);
+* ``V_j^l [N_v, d_v]``, the visual stream of image j, which depends on image j alone (its
+  extractor attends to ``T_hat`` generated from the image itself).
+
+``sim[i, j]`` is the cosine similarity between ``V_hat_i`` and ``V_j`` (``pool=tokens``: the
+token-by-token features flattened, position against position as Eq. 5 compares them;
+``pool=mean``: averaged over the tokens), averaged over the N layers. Reported:
+
+* ``align_top1``: fraction of tweets whose own image is the most similar of all images;
+  ``align_top1_chance`` = 1 / number of images;
+* ``align_pairwise``: fraction of (tweet, other image) pairs where the own image is the more
+  similar (0.5 = chance), a rank measure that does not need a unique best image;
+* ``align_top1_same_label``: where tweets carry an image label (the generated ``synth-*`` sets,
+  whose images only encode the entity type), the fraction whose most similar image has the own
+  image's label (chance: the share of the most frequent label or so);
+* ``align_sim_own`` / ``align_sim_other``: mean similarity to the own image / to the others;
+* the same per layer, suffixed ``_l{l}``.
+
+Results are printed, written to ``<run>/alignment.json`` and ``alignment.png`` (histograms of
+own vs other similarities), and logged to the run's MLflow run (metrics and both files).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mner_bench.errors import ConfigError, MnerBenchError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AlignmentResult:
+    metrics: dict[str, float]
+    tweets: int
+    split: str
+    pool: str
+    output_dir: Path
+    files: dict[str, Path] = field(default_factory=dict)
+    mlflow_run_id: str | None = None
+
+
+def _find_run_dir(run: str, tracking_uri: str | None) -> Path:
+    """A run folder, or the folder of an MLflow run id (its ``output_dir`` tag)."""
+    path = Path(run).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    if tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or Path("mlflow.db").exists():
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        try:
+            mrun = MlflowClient(tracking_uri=tracking_uri).get_run(run)
+        except MlflowException:
+            mrun = None
+        if mrun is not None and "output_dir" in mrun.data.tags:
+            return Path(mrun.data.tags["output_dir"])
+    raise MnerBenchError(f"'{run}' is neither a run folder nor an MLflow run id of the store; give the "
+                         f"output folder that 'mner-bench run' printed (runs/<method>-<dataset>-<shots>-<seed>)")
+
+
+def load_run(run_dir: Path, registry):
+    """(resolved config, model with the best checkpoint's weights) of a run folder."""
+    from omegaconf import OmegaConf
+
+    from mner_bench.config import resolve_config
+    from mner_bench.training import build_model
+
+    cfg_path, ckpt_path = run_dir / "config.yaml", run_dir / "checkpoints" / "best.pt"
+    if not cfg_path.is_file():
+        raise MnerBenchError(f"{run_dir}: no config.yaml; is it the output folder of 'mner-bench run'?")
+    if not ckpt_path.is_file():
+        raise MnerBenchError(f"{ckpt_path} is missing: the run was made with train.save_checkpoint=false "
+                             f"or did not finish an epoch")
+    method = OmegaConf.load(cfg_path).get("method")
+    cfg = resolve_config(registry, method, cfg_path)
+    if cfg.aligner.type != "bga" or not cfg.aligner.mcg:
+        raise ConfigError(f"{cfg_path}: the alignment analysis needs a run of the bga aligner with "
+                          f"aligner.mcg=true (this run has aligner.type={cfg.aligner.type})")
+    model = build_model(cfg, registry)
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    return cfg, model.eval()
+
+
+def similarity(generated: list[torch.Tensor], real: list[torch.Tensor], pool: str) -> list[torch.Tensor]:
+    """Per layer, ``[n, n]`` cosine similarities of generated ``[n, N_v, d]`` vs real features."""
+    out = []
+    for g, r in zip(generated, real, strict=True):
+        if pool == "mean":
+            g, r = g.mean(1), r.mean(1)
+        elif pool == "tokens":
+            g, r = g.flatten(1), r.flatten(1)
+        else:
+            raise ConfigError(f"--pool must be 'tokens' or 'mean', got '{pool}'")
+        out.append(F.normalize(g.float(), dim=-1) @ F.normalize(r.float(), dim=-1).T)
+    return out
+
+
+def summarise(sim: torch.Tensor, labels: list[str | None] | None = None, suffix: str = "") -> dict[str, float]:
+    """The metrics of one ``[n, n]`` similarity matrix (row i: tweet i's generated features)."""
+    n = sim.size(0)
+    own = sim.diagonal()
+    off = ~torch.eye(n, dtype=torch.bool)
+    m = {
+        f"align_top1{suffix}": float((sim.argmax(1) == torch.arange(n)).float().mean()),
+        f"align_pairwise{suffix}": float((own[:, None] > sim)[off].float().mean()) if n > 1 else float("nan"),
+        f"align_sim_own{suffix}": float(own.mean()),
+        f"align_sim_other{suffix}": float(sim[off].mean()) if n > 1 else float("nan"),
+    }
+    if labels is not None and all(lab is not None for lab in labels):
+        best = sim.argmax(1).tolist()
+        m[f"align_top1_same_label{suffix}"] = sum(labels[b] == labels[i] for i, b in enumerate(best)) / n
+    return m
+
+
+def _plot(sim: torch.Tensor, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = sim.size(0)
+    off = ~torch.eye(n, dtype=torch.bool)
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+    ax.hist(sim[off].numpy(), bins=40, alpha=0.6, density=True, label="other images")
+    ax.hist(sim.diagonal().numpy(), bins=40, alpha=0.6, density=True, label="own image")
+    ax.set_xlabel("cosine(generated visual, real visual)")
+    ax.set_ylabel("density")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _log_to_mlflow(cfg, run_dir: Path, metrics: dict[str, float], files: list[Path], tracking_uri: str | None) -> str | None:
+    """Log to the MLflow run whose ``output_dir`` tag is ``run_dir``; None when there is none."""
+    import time
+
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from mner_bench.tracking import tracking_uri as run_uri
+
+    uri = tracking_uri or run_uri(cfg)
+    client = MlflowClient(tracking_uri=uri)
+    exps = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(exps, filter_string=f"tags.output_dir = '{run_dir}'", max_results=5) if exps else []
+    if not runs:
+        log.warning("no MLflow run in %s has output_dir %s: results not logged there", uri, run_dir)
+        return None
+    run_id = runs[0].info.run_id
+    ts = int(time.time() * 1000)
+    ms = [Metric(k, float(v), ts, 0) for k, v in metrics.items() if v == v]  # NaN-free
+    client.log_batch(run_id, metrics=ms)
+    for f in files:
+        client.log_artifact(run_id, str(f))
+    return run_id
+
+
+@torch.no_grad()
+def analyze_alignment(run: str, registry=None, split: str = "test", pool: str = "tokens", batch_size: int = 32,
+                      max_tweets: int | None = None, tracking_uri: str | None = None,
+                      log_mlflow: bool = True) -> AlignmentResult:
+    """Run the analysis on a trained run (folder or MLflow run id); see the module docstring."""
+    from mner_bench.images import make_image_provider
+    from mner_bench.registry import get_registry
+    from mner_bench.training import Batcher, RunContext, encode_split
+
+    registry = registry or get_registry()
+    run_dir = _find_run_dir(run, tracking_uri)
+    cfg, model = load_run(run_dir, registry)
+    spec = registry.spec("dataset", cfg.data.eval_dataset if split == "test" and cfg.data.eval_dataset else cfg.data.dataset)
+    if split not in spec.splits:
+        raise ConfigError(f"--split: data set '{spec.name}' has no split '{split}'; splits: {', '.join(spec.splits)}")
+    tweets = spec.loader(split, cfg.data)
+    ctx = RunContext(cfg, run_dir, run_dir.name, registry)
+    provider = make_image_provider(cfg, model, ctx)
+    from mner_bench.images import FOUND
+
+    tweets = [t for t in tweets if provider.lookup(t.imgid)[0] == FOUND]
+    if max_tweets:
+        tweets = tweets[:max_tweets]
+    if len(tweets) < 2:
+        raise MnerBenchError(f"the alignment analysis needs at least 2 {split} tweets with an image; found "
+                             f"{len(tweets)} (give the run's image folder with data.image_dir / --image-dir?)")
+    enc = encode_split(tweets, model, cfg.data.max_length)
+    batcher = Batcher(model.text_encoder.tokenizer.pad_token_id, provider)
+    aligner = model.aligner
+    gen: list[list[torch.Tensor]] = [[] for _ in range(aligner.num_bga_layers)]
+    real: list[list[torch.Tensor]] = [[] for _ in range(aligner.num_bga_layers)]
+    for batch in batcher.iterate(enc, batch_size):
+        s = aligner.streams(batch, model.text_encoder, model.visual_encoder, mode="generate")
+        for layer in range(aligner.num_bga_layers):
+            gen[layer].append(s.generated_visual[layer].float())
+            real[layer].append(s.real_visual[layer].float())
+    per_layer = similarity([torch.cat(g) for g in gen], [torch.cat(r) for r in real], pool)
+    sim = torch.stack(per_layer).mean(0)
+    labels = [t.image_label for t in tweets]
+    metrics = summarise(sim, labels)
+    metrics["align_top1_chance"] = 1.0 / len(tweets)
+    metrics["align_tweets"] = float(len(tweets))
+    for layer, s in enumerate(per_layer):
+        metrics.update(summarise(s, labels, f"_l{layer}"))
+    files = {"json": run_dir / "alignment.json", "png": run_dir / "alignment.png"}
+    files["json"].write_text(json.dumps({"split": split, "pool": pool, "tweets": len(tweets), "metrics": metrics},
+                                        indent=2, sort_keys=True) + "\n")
+    _plot(sim, files["png"], f"{run_dir.name}: {split}, {len(tweets)} tweets, pool={pool}")
+    run_id = _log_to_mlflow(cfg, run_dir, metrics, list(files.values()), tracking_uri) if log_mlflow else None
+    return AlignmentResult(metrics, len(tweets), split, pool, run_dir, files, run_id)
+
+
+def format_result(res: AlignmentResult) -> str:
+    m = res.metrics
+    lines = [
+        f"alignment of generated vs real visual features: {res.output_dir.name}, {res.split} split, "
+        f"{res.tweets} tweets with an image, pool={res.pool}",
+        f"  own image ranked first: {m['align_top1']:.3f} (chance {m['align_top1_chance']:.3f})",
+        f"  own image more similar than another image (pairs): {m['align_pairwise']:.3f} (chance 0.5)",
+    ]
+    if "align_top1_same_label" in m:
+        lines.append(f"  most similar image has the own image's label: {m['align_top1_same_label']:.3f}")
+    lines.append(f"  mean similarity: own {m['align_sim_own']:.4f}, other {m['align_sim_other']:.4f}")
+    layers = sorted({int(k.rsplit('_l', 1)[1]) for k in m if k.startswith("align_top1_l")})
+    for layer in layers:
+        lines.append(f"  layer {layer}: top1 {m[f'align_top1_l{layer}']:.3f}, pairwise {m[f'align_pairwise_l{layer}']:.3f}, "
+                     f"sim own {m[f'align_sim_own_l{layer}']:.4f} / other {m[f'align_sim_other_l{layer}']:.4f}")
+    lines.append(f"  written: {', '.join(str(p) for p in res.files.values())}")
+    lines.append(f"  MLflow run: {res.mlflow_run_id}" if res.mlflow_run_id else "  MLflow run: not found, not logged")
+    return "\n".join(lines)
