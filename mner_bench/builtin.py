@@ -64,6 +64,10 @@ def mner_bench_decoders():
     ]
 
 
+#: generated data sets are small and easy: fewer epochs keep a CPU run within minutes
+SYNTH_RUN_DEFAULTS = {"train": {"epochs": 10}}
+
+
 @hookimpl
 def mner_bench_datasets():
     return [
@@ -73,10 +77,10 @@ def mner_bench_datasets():
                     aliases=("t17",), has_images=True),
         DatasetSpec("synth-ambiguous", synth_loader("ambiguous"),
                     "generated: names of every type, only the image tells the type (data.synth.*)",
-                    has_images=True, image_loader=synth_image_loader("ambiguous")),
+                    has_images=True, image_loader=synth_image_loader("ambiguous"), run_defaults=SYNTH_RUN_DEFAULTS),
         DatasetSpec("synth-consistent", synth_loader("consistent"),
                     "generated: each name has one type, text alone suffices (data.synth.*)",
-                    has_images=True, image_loader=synth_image_loader("consistent")),
+                    has_images=True, image_loader=synth_image_loader("consistent"), run_defaults=SYNTH_RUN_DEFAULTS),
     ]
 
 

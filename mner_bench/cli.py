@@ -284,6 +284,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, help="training epochs (default 30)")
     p.add_argument("--config", help="YAML file merged over the method's defaults")
     p.add_argument("--data-dir", help="folder with twitter2015/ and twitter2017/ (else $MNER_BENCH_DATA)")
+    p.add_argument("--image-dir", help="folder of <IMGID>.jpg images for multimodal methods (else $MNER_BENCH_IMAGES)")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1 ...")
     p.add_argument("--output-dir", help="parent folder of run outputs (default ./runs)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (else $MLFLOW_TRACKING_URI, else ./mlflow.db)")

@@ -1,8 +1,9 @@
 """Run configuration: dataclass schemas merged in one fixed order, in struct mode.
 
 Merge order (later wins): the schema's defaults (:class:`RunConfig` and each component's
-``Config`` dataclass) -> the method's default YAML -> ``--config FILE`` -> ``key=value``
-overrides -> the CLI's own options (``--dataset``, ``--shots``, ``--epochs``, ...).
+``Config`` dataclass) -> the method's default YAML -> the data set's run defaults (generated
+data sets set fewer epochs) -> ``--config FILE`` -> ``key=value`` overrides -> the CLI's own
+options (``--dataset``, ``--shots``, ``--epochs``, ...).
 An unknown key or a value of the wrong type fails with the key's full path and the layer
 it came from. The resolved config saved with a run replays it (``mner-bench run --config``).
 """
@@ -72,8 +73,10 @@ class TrainConfig:
     device: str = "auto"
     #: ``auto`` (bf16 autocast on CUDA, fp32 on CPU), ``fp32`` or ``bf16``
     precision: str = "auto"
-    #: keep a checkpoint of the best dev epoch in the output folder
+    #: keep checkpoints (best dev epoch, and the last epoch for --resume) in the output folder
     save_checkpoint: bool = True
+    #: multimodal methods: also score the test set with uniform empty images and with no images
+    eval_missing_images: bool = True
 
 
 @dataclass
@@ -157,6 +160,10 @@ def resolve_config(
         ("command-line option", OmegaConf.from_dotlist([f"{k}={_fmt(v)}" for k, v in (cli or {}).items() if v is not None])),
     ]
     plain = OmegaConf.merge(*(node for _, node in layers))
+    ds_spec = registry.spec("dataset", plain.get("data", {}).get("dataset", DataConfig.dataset))
+    if ds_spec.run_defaults:
+        layers.insert(1, (f"data set '{ds_spec.name}' defaults", OmegaConf.create(ds_spec.run_defaults)))
+        plain = OmegaConf.merge(*(node for _, node in layers))
     picked = plain.get("method", spec.name)
     if picked != spec.name and registry.resolve_name("method", picked) != spec.name:
         raise ConfigError(f"the config is for method '{picked}' but the command runs '{spec.name}'")

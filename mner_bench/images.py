@@ -602,3 +602,30 @@ def make_prediction_image_provider(cfg, model) -> ImageProvider:
         return ImageProvider(size, mean, std, loader=spec.image_loader(data), min_side=min_side)
     _warn_no_images(str(cfg.get("method", "?")))
     return ImageProvider(size, mean, std, min_side=min_side)
+
+
+# --------------------------------------------------------------------------- evaluation protocols
+
+
+class FixedImageProvider:
+    """Replaces every tweet's image for an evaluation protocol (paper Table 7).
+
+    ``mode="empty"``: a uniform grey image (RGB 128, 128, 128), marked valid — the "uniform
+    empty image" protocol. ``mode="none"``: no image at all (zeros, mask False), as when a
+    tweet's image is missing.
+    """
+
+    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float], mode: str):
+        if mode not in ("empty", "none"):
+            raise ValueError(f"mode must be 'empty' or 'none', got {mode!r}")
+        self.mode = mode
+        S = int(image_size)
+        grey = np.full((1, S, S, 3), 128, dtype=np.uint8)
+        self._empty = normalise(grey, mean, std)[0]
+        self._size = S
+
+    def __call__(self, tweets: Sequence[Tweet]) -> tuple[torch.Tensor, torch.Tensor]:
+        n = len(tweets)
+        if self.mode == "none":
+            return torch.zeros((n, 3, self._size, self._size)), torch.zeros(n, dtype=torch.bool)
+        return self._empty.expand(n, -1, -1, -1).clone(), torch.ones(n, dtype=torch.bool)

@@ -74,6 +74,9 @@ class DatasetSpec:
     has_images: bool = False
     config_class: type | None = None
     image_loader: Callable[[Any], Callable[[str], Any]] | None = None
+    #: config defaults of runs on this data set (e.g. ``{"train": {"epochs": 10}}``), merged
+    #: after the method's YAML and before ``--config``, overrides and options
+    run_defaults: dict | None = None
 
 
 @dataclass(frozen=True)

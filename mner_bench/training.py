@@ -493,6 +493,21 @@ def _scores_dict(s: Scores) -> dict:
     return {"precision": s.precision, "recall": s.recall, "f1": s.f1, "per_type": s.per_type, "counts": s.counts}
 
 
+def missing_image_scores(model, batcher, split, cfg, device, amp) -> dict[str, float]:
+    """Test scores with every image replaced by a uniform empty image (``test_f1_empty_image``)
+    and with every image absent (``test_f1_no_image``) — the paper's Table 7 protocols."""
+    from .images import FixedImageProvider
+
+    ip = batcher.image_provider
+    out = {}
+    for mode, name in (("empty", "empty_image"), ("none", "no_image")):
+        fixed = Batcher(batcher.pad_id, FixedImageProvider(ip.image_size, ip.mean, ip.std, mode))
+        scores, _ = evaluate(model, fixed, split, cfg, device, amp)
+        out.update({f"test_f1_{name}": scores.f1, f"test_precision_{name}": scores.precision,
+                    f"test_recall_{name}": scores.recall})
+    return out
+
+
 def _finish(model, batcher, cfg, device, amp, ctx, state, enc_train, enc_test, test_tweets) -> RunResult:
     """Score the test set with the selected model; write predictions and metrics."""
     test_scores, test_pred = evaluate(model, batcher, enc_test, cfg, device, amp, ctx, "test")
@@ -506,6 +521,8 @@ def _finish(model, batcher, cfg, device, amp, ctx, state, enc_train, enc_test, t
     final["train_tweets"] = len(enc_train)
     if cfg.tracking.measure_speed:
         final.update(measure_speed(model, batcher, enc_test, device, amp, cfg.tracking.speed_tweets))
+    if batcher.image_provider is not None and cfg.train.eval_missing_images:
+        final.update(missing_image_scores(model, batcher, enc_test, cfg, device, amp))
     final.update(ctx.extras.get("final_metrics", {}))
 
     out_dir = ctx.output_dir

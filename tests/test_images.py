@@ -335,6 +335,20 @@ def test_multimodal_run_logs_image_counts_timing_and_random_weights(tmp_path):
     per_epoch = [(step, x["image_load_seconds_epoch"]) for step, x in seen["logged"] if "image_load_seconds_epoch" in x]
     assert [step for step, _ in per_epoch] == [1, 2] and all(v > 0 for _, v in per_epoch)
     assert per_epoch[0][1] == m["image_load_seconds_epoch1"]
+    # the Table 7 protocols are scored too, without touching the image counts above
+    assert 0.0 <= m["test_f1_empty_image"] <= 1.0 and 0.0 <= m["test_f1_no_image"] <= 1.0
+
+
+def test_fixed_image_provider_gives_uniform_or_no_images():
+    from mner_bench.images import FixedImageProvider, normalise
+
+    tweets = [None, None, None]
+    empty, mask = FixedImageProvider(8, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "empty")(tweets)
+    assert empty.shape == (3, 3, 8, 8) and mask.tolist() == [True] * 3
+    grey = normalise(np.full((1, 8, 8, 3), 128, dtype=np.uint8), (0.5,) * 3, (0.25,) * 3)[0]
+    assert torch.equal(empty[2], grey) and torch.unique(empty).numel() == 1
+    none, mask = FixedImageProvider(8, (0.5,) * 3, (0.25,) * 3, "none")(tweets)
+    assert mask.tolist() == [False] * 3 and none.abs().sum() == 0
 
 
 def test_prediction_provider_reads_the_folder_or_the_data_sets_images(image_dir, monkeypatch, caplog):

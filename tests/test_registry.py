@@ -103,3 +103,10 @@ def test_unknown_key_in_a_config_file_names_the_file(tmp_path):
 def test_component_type_switch_takes_that_components_schema():
     cfg = resolve_config(get_registry(), "bertcrf", None, ["decoder.type=softmax"])
     assert cfg.decoder.type == "softmax"
+
+
+def test_data_set_run_defaults_sit_between_method_defaults_and_overrides():
+    reg = get_registry()
+    assert resolve_config(reg, "bertcrf", None, [], {"data.dataset": "synth-ambiguous"}).train.epochs == 10
+    assert resolve_config(reg, "bertcrf", None, ["data.dataset=synth-ambiguous", "train.epochs=3"]).train.epochs == 3
+    assert resolve_config(reg, "bertcrf", None, [], {"data.dataset": "t15"}).train.epochs == 30
