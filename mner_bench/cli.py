@@ -377,6 +377,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stop_cleanly_on_sigterm() -> None:
+    """SIGTERM (a scheduler's kill, ``kill PID``) stops like Ctrl-C: the MLflow run is marked
+    KILLED and the last checkpoint stays for ``--resume``."""
+    import signal
+    import threading
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -388,6 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     _setup_logging(getattr(args, "quiet", False), args.debug)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _stop_cleanly_on_sigterm()
     try:
         return args.func(args)
     except MnerBenchError as exc:

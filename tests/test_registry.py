@@ -110,3 +110,18 @@ def test_data_set_run_defaults_sit_between_method_defaults_and_overrides():
     assert resolve_config(reg, "bertcrf", None, [], {"data.dataset": "synth-ambiguous"}).train.epochs == 10
     assert resolve_config(reg, "bertcrf", None, ["data.dataset=synth-ambiguous", "train.epochs=3"]).train.epochs == 3
     assert resolve_config(reg, "bertcrf", None, [], {"data.dataset": "t15"}).train.epochs == 30
+
+
+def test_a_plugin_that_fails_to_import_is_named(monkeypatch):
+    import mner_bench.registry as reg_mod
+
+    class BrokenEntryPoint:
+        name = "shiny"
+        value = "shiny_plugin.hooks"
+
+        def load(self):
+            raise ImportError("No module named 'shiny_plugin'")
+
+    monkeypatch.setattr(reg_mod, "_plugin_entry_points", lambda: [BrokenEntryPoint()])
+    with pytest.raises(PluginError, match=r"plugin 'shiny' \(shiny_plugin.hooks\) could not be imported"):
+        build_registry()

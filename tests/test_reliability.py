@@ -27,7 +27,7 @@ def _opts(tmp_path, runs="runs"):
             *TINY_TEXT, "train.batch_size=4", "tracking.measure_speed=false"]
 
 
-KILLER = textwrap.dedent("""
+KILLER_TEMPLATE = textwrap.dedent("""
     import os, signal, sys
     from mner_bench.cli import main
     from mner_bench.hookspecs import hookimpl
@@ -37,11 +37,12 @@ KILLER = textwrap.dedent("""
         @hookimpl
         def mner_bench_epoch_end(self, run, epoch):
             if epoch == 2:
-                os.kill(os.getpid(), signal.SIGKILL)
+                os.kill(os.getpid(), signal.SIGNAL)
 
     r._REGISTRY = r.build_registry(extra_plugins=(("killer", Killer()),))
     sys.exit(main(sys.argv[1:]))
 """)
+KILLER = KILLER_TEMPLATE.replace("SIGNAL", "SIGKILL")
 
 
 def test_sigkill_after_epoch_2_then_resume_equals_an_uninterrupted_run(tmp_path, fake_t15, capsys):
@@ -156,3 +157,17 @@ def test_unreachable_tracking_server_trains_anyway_and_logs_later(tmp_path, fake
 @pytest.fixture(autouse=True)
 def _fresh_registry(monkeypatch):
     monkeypatch.setattr(registry_module, "_REGISTRY", None)
+
+
+def test_sigterm_marks_the_mlflow_run_killed_and_keeps_the_checkpoint(tmp_path, fake_t15):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = subprocess.run([sys.executable, "-c", KILLER_TEMPLATE.replace("SIGNAL", "SIGTERM"), "run", "bertcrf",
+                           *_opts(tmp_path), "--tracking-uri", uri], capture_output=True, text=True)
+    assert proc.returncode == 130 and "interrupted" in proc.stderr
+    folder = next((tmp_path / "runs").iterdir())
+    assert (folder / "checkpoints" / "last.pt").exists()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("twitter2015").experiment_id])
+    assert run.info.status == "KILLED"

@@ -90,3 +90,18 @@ def test_list_and_datasets_commands(capsys):
     out = capsys.readouterr().out
     assert "bertcrf" in out and "baselines" in out and "crf" in out
     assert main(["list", "decoderz"]) == 2
+
+
+def test_unwritable_output_folder_is_a_clear_error(tmp_path, use_registry, tiny_run_overrides, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert main(["run", "bertcrf", *tiny_run_overrides, f"output_dir={blocker / 'runs'}"]) == 2
+    err = capsys.readouterr().err
+    assert "output folder" in err and "cannot be created" in err and "Traceback" not in err
+
+
+def test_debug_flag_shows_the_traceback(use_registry):
+    from mner_bench.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.nope"):
+        main(["--debug", "run", "bertcrf", "train.nope=1"])
