@@ -4,6 +4,8 @@ import itertools
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mner_bench.config import resolve_config
 from mner_bench.decoders import CrfDecoder, SoftmaxDecoder
@@ -69,16 +71,23 @@ def _brute_force_best(emissions, transitions, start, end):
     return arg
 
 
-def test_crf_viterbi_matches_brute_force():
-    torch.manual_seed(1)
-    dec = CrfDecoder(4, 3)
-    for n in (1, 2, 4):
-        em = torch.randn(1, n, 3)
-        mask = torch.ones(1, n, dtype=torch.bool)
-        got = dec.decode(em, mask)[0]
-        want = _brute_force_best(em[0], dec.crf.transitions.detach(), dec.crf.start_transitions.detach(),
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 4), k=st.integers(2, 4), seed=st.integers(0, 2**31 - 1), lengths=st.lists(st.integers(1, 4), min_size=1, max_size=3))
+def test_crf_viterbi_matches_brute_force(n, k, seed, lengths):
+    """Property: on random small cases, Viterbi returns the brute-force best path of each masked prefix."""
+    g = torch.Generator().manual_seed(seed)
+    dec = CrfDecoder(4, k)
+    with torch.no_grad():
+        for p in (dec.crf.transitions, dec.crf.start_transitions, dec.crf.end_transitions):
+            p.copy_(torch.randn(p.shape, generator=g) * 2)
+    lengths = [min(x, n) for x in lengths]
+    em = torch.randn(len(lengths), n, k, generator=g) * 2
+    mask = torch.tensor([[i < m for i in range(n)] for m in lengths], dtype=torch.bool)
+    got = dec.decode(em, mask)
+    for b, m in enumerate(lengths):
+        want = _brute_force_best(em[b, :m], dec.crf.transitions.detach(), dec.crf.start_transitions.detach(),
                                  dec.crf.end_transitions.detach())
-        assert got == want
+        assert got[b] == want
 
 
 def test_crf_loss_is_lower_for_the_gold_path_it_was_trained_on():

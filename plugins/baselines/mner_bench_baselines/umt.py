@@ -37,6 +37,11 @@ Choices where the paper is vague (written down here once; the classes repeat the
   ``A``) as its queries.
 * The gate is element-wise (a vector of width H per sub-token), from one linear map over the
   concatenation ``[B; A]`` (equivalently ``W_b B + W_a A + b``).
+* The method's defaults (``configs/umt.yaml``): the visual encoder is frozen (a fixed region
+  feature extractor; ``visual_encoder.freeze=false`` fine-tunes it) and ``train.head_lr`` is
+  1e-3 for everything outside the encoders (these five transformer layers included); the
+  suite-wide 1e-2, chosen for a linear map and a CRF, left the visual path unused on
+  ``synth-ambiguous``.
 * Every visual token the visual encoder returns is a region: 49 grid cells for ``resnet152``
   (the paper's setting), CLS + 49 patches for ``clip-vit-b32``.
 * Special tokens ([CLS], [SEP]) are ordinary keys/queries; sub-token padding is masked out.
@@ -49,9 +54,9 @@ Choices where the paper is vague (written down here once; the classes repeat the
   The ESD gold tags are the typed gold tags with their type dropped (``B-X -> B``, ``I-X -> I``).
   The ESD loss is computed whenever the batch carries gold tags (training and dev alike; it is
   only added to the loss in training).
-* Missing images (``Batch.image_mask`` False, or no images in the batch at all). Their pixels are
-  first set to 0 (in normalised pixel space) so that nothing of them reaches the visual encoder,
-  not even through batch-norm statistics. Then ``aligner.missing_image`` decides:
+* Missing images (``Batch.image_mask`` False, or no images in the batch at all): nothing of their
+  pixels reaches the visual encoder, not even through batch-norm statistics.
+  ``aligner.missing_image`` decides what the model sees instead:
 
   - ``mask`` (default): the tweet's visual tokens are masked out of cross-attention. A query
     whose keys are all masked gets NaN from softmax (or, on some torch attention backends, zeros
@@ -59,9 +64,11 @@ Choices where the paper is vague (written down here once; the classes repeat the
     reduces to its residual path: ``A = FFN-block(LN(R))`` and
     ``B = FFN-block(LN(R))`` with each layer's own weights. The gate then sees two text-only
     views of the tweet, and ``H = [B; g * A]`` depends on the text alone (and not at all on the
-    tweet's pixels). ``Q`` is still computed but nothing reads it.
-  - ``empty``: the paper's "uniform empty image" protocol: the zeroed image is encoded and
-    attended to like any real image.
+    tweet's pixels). ``Q`` is still computed but nothing reads it. (Their pixels are zeroed
+    before the visual encoder; with no valid image in the batch the encoder is skipped.)
+  - ``empty``: the paper's "uniform empty image" protocol: a uniform grey image (RGB 128, 128,
+    128, normalised with the visual encoder's ``mean``/``std``; the same image as the core's
+    ``test_f1_empty_image`` protocol) is encoded and attended to like any real image.
 """
 
 from __future__ import annotations
@@ -92,7 +99,7 @@ class UmtAlignerConfig:
     #: dropout inside the added layers
     dropout: float = 0.1
     #: tweets without a valid image: ``mask`` their visual tokens out of cross-attention, or
-    #: ``empty``: encode a uniform (all-zero) image for them and attend to it (paper protocol)
+    #: ``empty``: encode a uniform grey image for them and attend to it (paper protocol)
     missing_image: str = "mask"
     #: weight of the converted ESD scores in the final scores (1 - it for the main scores)
     esd_score_weight: float = 0.5
@@ -110,9 +117,9 @@ class UmtCrossAttention(nn.Module):
     ``X [B, Nq, H]`` and keys/values ``Y [B, Nk, H]``. Passing ``Y = X`` gives a plain BERT
     (self-attention) layer.
 
-    A tweet whose keys are *all* masked (no image) gets a zero attention output instead of the
-    NaN that softmax over no keys gives, so its ``P`` is ``LN(X)``; no gradient reaches ``Y``
-    through it.
+    A tweet whose keys are *all* masked (no image) gets an exactly zero attention output
+    (softmax over no keys gives NaN, or zeros plus the output bias, depending on torch's attention
+    backend), so its ``P`` is ``LN(X)``; no gradient reaches ``Y`` through it.
     """
 
     def __init__(self, hidden: int, heads: int, intermediate: int, dropout: float = 0.1, eps: float = 1e-12):
@@ -249,8 +256,9 @@ class UmtAligner(Aligner):
     def visual_tokens(self, batch: Batch, visual_encoder: VisualEncoder) -> tuple[torch.Tensor, torch.Tensor]:
         """``[B, N_v, H_v]`` visual tokens and ``[B]`` bool: which tweets' tokens are attended to.
 
-        Missing images are zeroed before encoding. With ``missing_image=mask`` and no valid image
-        in the batch, the visual encoder is skipped (one zero token per tweet, all masked).
+        ``missing_image=mask``: missing images are zeroed before encoding and masked; with no
+        valid image in the batch the visual encoder is skipped (one zero token per tweet, all
+        masked). ``missing_image=empty``: they are replaced by :meth:`empty_image` and attended to.
         """
         n = len(batch)
         device = batch.text.input_ids.device
@@ -262,15 +270,24 @@ class UmtAligner(Aligner):
             valid = batch.image_mask.to(device=device, dtype=torch.bool)
         if self.missing_image == "mask" and not bool(valid.any()):
             return torch.zeros(n, 1, visual_encoder.hidden_size, device=device), valid
-        if batch.images is None:
-            size = visual_encoder.image_size
-            images = torch.zeros(n, 3, size, size, device=device)
-        else:
-            images = batch.images.masked_fill(~valid[:, None, None, None], 0.0)
+        size = visual_encoder.image_size
+        images = batch.images if batch.images is not None else torch.zeros(n, 3, size, size, device=device)
+        fill = self.empty_image(visual_encoder).to(device=device, dtype=images.dtype)
+        if self.missing_image == "mask":
+            fill = torch.zeros_like(fill)
+        images = torch.where(valid[:, None, None, None], images, fill)
         tokens = visual_encoder(images)
         if self.missing_image == "empty":
             valid = torch.ones_like(valid)
         return tokens, valid
+
+    @staticmethod
+    def empty_image(visual_encoder: VisualEncoder) -> torch.Tensor:
+        """``[1, 3, 1, 1]``: uniform grey (RGB 128) normalised with the encoder's ``mean``/``std``
+        (an encoder without them is taken to expect ``x / 255``)."""
+        mean = torch.tensor(getattr(visual_encoder, "mean", (0.0, 0.0, 0.0)), dtype=torch.float32)
+        std = torch.tensor(getattr(visual_encoder, "std", (1.0, 1.0, 1.0)), dtype=torch.float32)
+        return ((128.0 / 255.0 - mean) / std).view(1, 3, 1, 1)
 
     # -- multimodal interaction -----------------------------------------------------------
     def interact(self, r: torch.Tensor, text_padding: torch.Tensor, visual: torch.Tensor, valid: torch.Tensor) -> UmtInteraction:

@@ -23,12 +23,16 @@ from mner_bench_baselines.umt import (  # noqa: E402
 )
 from torch import nn  # noqa: E402
 
+from mner_bench.config import resolve_config  # noqa: E402
 from mner_bench.data import parse_conll  # noqa: E402
 from mner_bench.decoders import CrfDecoder  # noqa: E402
 from mner_bench.encoders import HfTextEncoder, HfTextEncoderConfig  # noqa: E402
 from mner_bench.errors import ConfigError  # noqa: E402
+from mner_bench.images import FixedImageProvider  # noqa: E402
 from mner_bench.labels import TAGS, encode_tags  # noqa: E402
 from mner_bench.model import Batch, MnerModel, VisualEncoder, collate_text, gather_words  # noqa: E402
+from mner_bench.registry import get_registry  # noqa: E402
+from mner_bench.training import build_model  # noqa: E402
 
 CONLL = """IMGID:1
 RT\tO
@@ -59,6 +63,7 @@ class TinyVisual(VisualEncoder):
 
     hidden_size = 16
     image_size = IMAGE_SIZE
+    mean, std = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)
 
     def __init__(self):
         super().__init__()
@@ -252,6 +257,37 @@ def test_empty_image_protocol_differs_from_masking(text_encoder):
     other.images[1] = torch.rand_like(other.images[1])
     h_other, _ = hidden_and_emissions(empty, other)
     torch.testing.assert_close(h_other, h_empty)
+    # ... and it is the core's "uniform empty image" (test_f1_empty_image) given as a valid image.
+    grey = FixedImageProvider(IMAGE_SIZE, TinyVisual.mean, TinyVisual.std, "empty")(parse_conll(CONLL)[:1])[0][0]
+    explicit = make_batch(text_encoder, image_mask=(True, True, True))
+    explicit.images[1] = grey
+    h_explicit, _ = hidden_and_emissions(masked, explicit)
+    torch.testing.assert_close(h_explicit[1], h_empty[1])
+
+
+@pytest.mark.parametrize("visual", ["clip-vit-b32", "resnet152"])
+def test_umt_runs_on_every_registered_visual_encoder(visual, text_encoder):
+    """Through the registry, tiny: batch-norm in training mode must not leak a missing image."""
+    reg = get_registry()
+    cfg = resolve_config(reg, "umt", None, [
+        "text_encoder.random_init=true", *(f"text_encoder.overrides.{k}={v}" for k, v in TINY_TEXT.items()),
+        f"visual_encoder.type={visual}", "visual_encoder.tiny=true",
+    ])
+    torch.manual_seed(0)
+    model = build_model(cfg, reg).train()
+    size = model.visual_encoder.image_size
+    batch = make_batch(model.text_encoder, image_mask=(True, False, True))
+    batch.images = torch.randn(3, 3, size, size)
+    out = model(batch)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert float(model.aligner.v1.weight.grad.abs().sum()) > 0
+    torch.manual_seed(1)
+    h1 = model.aligner(batch, model.text_encoder, model.visual_encoder).hidden
+    batch.images[1] = torch.randn(3, size, size) * 5
+    torch.manual_seed(1)
+    h2 = model.aligner(batch, model.text_encoder, model.visual_encoder).hidden
+    torch.testing.assert_close(h1, h2)  # same dropout masks, new pixels of the missing image
 
 
 # --------------------------------------------------------------------------- training
