@@ -124,3 +124,13 @@ def tiny_run_overrides(tmp_path):
         "tracking.speed_tweets=4",
         "quiet=true",
     ]
+
+
+@pytest.fixture
+def fake_t15(tmp_path, monkeypatch):
+    """A data folder whose ``twitter2015/`` holds the tiny fixture, found through
+    ``$MNER_BENCH_DATA`` (so that child processes read it too)."""
+    root = make_fixture_dir(tmp_path / "data", n_copies=3)
+    (root / "fixture").rename(root / "twitter2015")
+    monkeypatch.setenv("MNER_BENCH_DATA", str(root))
+    return root

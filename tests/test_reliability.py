@@ -11,15 +11,7 @@ import pytest
 import mner_bench.registry as registry_module
 from mner_bench.cli import main
 
-from .conftest import TINY_TEXT, make_fixture_dir
-
-
-@pytest.fixture
-def fake_t15(tmp_path, monkeypatch):
-    root = make_fixture_dir(tmp_path / "data", n_copies=3)
-    (root / "fixture").rename(root / "twitter2015")
-    monkeypatch.setenv("MNER_BENCH_DATA", str(root))
-    return root
+from .conftest import TINY_TEXT
 
 
 def _opts(tmp_path, runs="runs"):

@@ -7,16 +7,7 @@ import pytest
 from mner_bench.cli import main
 from mner_bench.report import build_report, render, table_rows
 
-from .conftest import TINY_TEXT, make_fixture_dir
-
-
-@pytest.fixture
-def fake_t15(tmp_path, monkeypatch):
-    """A data folder whose twitter2015/ holds the tiny fixture (children read it through the env)."""
-    root = make_fixture_dir(tmp_path / "data", n_copies=3)
-    (root / "fixture").rename(root / "twitter2015")
-    monkeypatch.setenv("MNER_BENCH_DATA", str(root))
-    return root
+from .conftest import TINY_TEXT
 
 
 def test_sweep_runs_children_resumes_and_reports(tmp_path, fake_t15, capsys):
