@@ -170,6 +170,12 @@ class Aligner(nn.Module):
             mods.append(visual_encoder)
         return mods
 
+    def encoder_lr_modules(self) -> list[nn.Module]:
+        """The aligner's modules that the optimizer trains at the encoders' learning rate
+        (``train.lr``) instead of ``train.head_lr``, e.g. layers that work inside a pretrained
+        encoder. Default: none."""
+        return []
+
 
 class Decoder(nn.Module):
     """Tag scorer, loss and decoder over word states ``[B, W, H']``."""

@@ -176,11 +176,13 @@ def build_model(cfg: DictConfig, registry: Registry, inference: bool = False) ->
 
 
 def make_optimizer(model: MnerModel, cfg: DictConfig, total_steps: int):
-    """AdamW with the encoders at ``train.lr`` and everything else at ``train.head_lr``;
-    no weight decay on biases and LayerNorm weights; linear warm-up then linear decay."""
+    """AdamW with the encoders (and the aligner's :meth:`~mner_bench.model.Aligner.encoder_lr_modules`)
+    at ``train.lr`` and everything else at ``train.head_lr``; no weight decay on biases and
+    LayerNorm weights; linear warm-up then linear decay."""
     from transformers import get_linear_schedule_with_warmup
 
-    encoder_ids = {id(p) for m in (model.text_encoder, model.visual_encoder) if m is not None for p in m.parameters()}
+    slow = [model.text_encoder, model.visual_encoder, *model.aligner.encoder_lr_modules()]
+    encoder_ids = {id(p) for m in slow if m is not None for p in m.parameters()}
     groups: dict[tuple[bool, bool], list] = {}
     for p in model.parameters():
         if not p.requires_grad:

@@ -94,7 +94,10 @@ class _FrozenMixin:
         if not (self.frozen and self.cache_features):
             return compute(images)
         host = images.detach().to("cpu", torch.float32).contiguous().numpy()
-        keys = [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in host]
+        kind = images.device.type
+        # outputs differ under autocast (bf16) and without it: never serve one for the other
+        salt = f"{torch.is_autocast_enabled(kind)}:{torch.get_autocast_dtype(kind)}".encode()
+        keys = [hashlib.blake2b(salt + row.tobytes(), digest_size=16).digest() for row in host]
         todo = [i for i, k in enumerate(keys) if k not in self._features]
         fresh: dict[bytes, torch.Tensor] = {}
         if todo:

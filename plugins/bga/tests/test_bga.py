@@ -403,16 +403,17 @@ def test_bad_settings_fail_with_the_key(encoders):
 def test_a_few_steps_lower_the_generation_losses(make):
     model = make(alpha=1.0, scs=False)
     batch = make_batch(model, image_mask=(True, True, True))
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     model.train()
     first = None
-    for _ in range(15):
+    for _ in range(5):
         out = model(batch)
         first = first or out.parts
         opt.zero_grad()
         out.loss.backward()
         opt.step()
-    assert out.parts["loss_recon"] < first["loss_recon"] and out.parts["loss_cycle"] < first["loss_cycle"]
+    # measured: 12.9 -> 6.3 (recon), 13.4 -> 6.4 (cycle)
+    assert out.parts["loss_recon"] < 0.7 * first["loss_recon"] and out.parts["loss_cycle"] < 0.7 * first["loss_cycle"]
 
 
 def test_the_image_free_inference_model_has_no_visual_module_and_predicts_the_same(make):
@@ -439,6 +440,23 @@ def test_the_image_free_inference_model_has_no_visual_module_and_predicts_the_sa
     assert torch.equal(small._emissions(batch)[0], full._emissions(batch)[0])
     real = resolve_config(reg, "bga", None, [*overrides, "visual_encoder.tiny=true", "aligner.inference_visual=real"])
     assert build_model(real, reg, inference=True).visual_encoder is not None
+
+
+@pytest.mark.parametrize("encoder_lr", [True, False])
+def test_bga_modules_train_at_the_encoder_lr_unless_told_otherwise(make, encoder_lr):
+    from omegaconf import OmegaConf
+
+    from mner_bench.training import make_optimizer
+
+    model = make(encoder_lr=encoder_lr)
+    cfg = OmegaConf.create({"train": {"lr": 3e-5, "head_lr": 1e-2, "weight_decay": 0.01, "warmup_ratio": 0.01}})
+    opt, _ = make_optimizer(model, cfg, 10)
+    lr_of = {id(p): g["initial_lr"] for g in opt.param_groups for p in g["params"]}  # before warm-up
+    want = 3e-5 if encoder_lr else 1e-2
+    for mod in (model.aligner.g_t2v, model.aligner.g_v2t, model.aligner.text_scs, model.aligner.visual_scs):
+        assert {lr_of[id(p)] for p in mod.parameters()} == {want}
+    assert {lr_of[id(p)] for p in model.decoder.parameters()} == {1e-2}
+    assert {lr_of[id(p)] for p in model.text_encoder.parameters()} == {3e-5}
 
 
 # --------------------------------------------------------------------------- through the runner

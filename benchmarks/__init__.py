@@ -1,0 +1,1 @@
+"""mner-bench's performance benchmarks (pytest-benchmark); see BENCHMARKS.md."""
