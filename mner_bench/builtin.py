@@ -8,8 +8,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from torch import nn
-
 from .data import twitter_loader
 from .decoders import CrfDecoder, CrfDecoderConfig, SoftmaxDecoder, SoftmaxDecoderConfig
 from .encoders import HfTextEncoder, HfTextEncoderConfig
@@ -33,7 +31,6 @@ class TextOnlyAligner(Aligner):
     def __init__(self, text_encoder):
         super().__init__()
         self.output_size = text_encoder.hidden_size
-        self._noop = nn.Identity()
 
     def forward(self, batch, text_encoder, visual_encoder=None) -> AlignerOutput:
         return AlignerOutput(hidden=text_encoder(batch.text))

@@ -202,9 +202,9 @@ def cmd_sweep(args) -> int:
 
 def cmd_report(args) -> int:
     from .report import build_report
-    from .sweep import _client
+    from .tracking import connect, resolve_uri
 
-    client, _ = _client(args.tracking_uri)
+    client = connect(resolve_uri(args.tracking_uri))
     run_ids = [r.strip() for r in args.runs.split(",") if r.strip()] if args.runs else None
     print(build_report(client, args.experiment or None, run_ids, args.filter or "", args.paper, args.format), end="")
     return 0

@@ -157,7 +157,7 @@ def resolve_config(
         _layer(f"method '{spec.name}' defaults", spec.defaults),
         _layer("--config", config_file),
         ("command-line override", _dotlist(list(overrides))),
-        ("command-line option", OmegaConf.from_dotlist([f"{k}={_fmt(v)}" for k, v in (cli or {}).items() if v is not None])),
+        ("command-line option", OmegaConf.from_dotlist([f"{k}={v}" for k, v in (cli or {}).items() if v is not None])),
     ]
     plain = OmegaConf.merge(*(node for _, node in layers))
     ds_spec = registry.spec("dataset", plain.get("data", {}).get("dataset", DataConfig.dataset))
@@ -222,10 +222,6 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"train.precision must be auto, fp32 or bf16, got '{cfg.train.precision}'")
     if cfg.data.max_length < 8:
         raise ConfigError(f"data.max_length must be at least 8, got {cfg.data.max_length}")
-
-
-def _fmt(v: Any) -> str:
-    return str(v)
 
 
 def _omega_message(exc: OmegaConfBaseException) -> str:

@@ -24,7 +24,6 @@ from omegaconf import OmegaConf
 
 from .data import Tweet
 from .errors import ConfigError, MnerBenchError
-from .labels import TAGS
 from .metrics import get_entities
 
 log = logging.getLogger(__name__)
@@ -178,4 +177,4 @@ def render_pretty(words: list[str], tags: list[str]):
     return text
 
 
-__all__ = ["Predictor", "TAGS", "entity_spans", "read_inputs", "render_pretty", "run_folder", "tokenize_tweet"]
+__all__ = ["Predictor", "entity_spans", "read_inputs", "render_pretty", "run_folder", "tokenize_tweet"]
