@@ -217,7 +217,7 @@ def cmd_analyze_alignment(args) -> int:
     except ImportError:
         raise MnerBenchError("analyze-alignment needs the bga plugin (package mner_bench_bga)") from None
     res = analyze_alignment(args.run, split=args.split, pool=args.pool, max_tweets=args.max_tweets,
-                            tracking_uri=args.tracking_uri)
+                            tracking_uri=args.tracking_uri, center=not args.no_center)
     print(format_result(res))
     return 0
 
@@ -359,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="split whose tweets with images are analysed (default test)")
     p.add_argument("--pool", default="tokens", choices=["tokens", "mean"],
                    help="compare features token by token (default) or averaged over tokens")
+    p.add_argument("--no-center", action="store_true",
+                   help="compare the raw features (default: each centred on its mean over the tweets)")
     p.add_argument("--max-tweets", type=int, help="analyse only the first N tweets with an image")
     p.add_argument("--tracking-uri", help="MLflow store of the run (default: the run's own tracking settings)")
     p.set_defaults(func=cmd_analyze_alignment)

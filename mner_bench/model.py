@@ -163,6 +163,11 @@ class Aligner(nn.Module):
     def forward(self, batch: Batch, text_encoder: TextEncoder, visual_encoder: VisualEncoder | None) -> AlignerOutput:  # pragma: no cover
         raise NotImplementedError
 
+    def needs_images(self, training: bool) -> bool:
+        """Whether a batch must carry images in training (``training=True``) or at evaluation and
+        prediction; the batcher loads none otherwise. Default: :attr:`uses_images`."""
+        return self.uses_images
+
     def inference_modules(self, text_encoder: TextEncoder, visual_encoder: VisualEncoder | None) -> list[nn.Module]:
         """Modules that inference runs (for ``params_inference``). Default: everything."""
         mods: list[nn.Module] = [self, text_encoder]

@@ -72,8 +72,8 @@ class Predictor:
         if image_dir:
             cfg.data.image_dir = image_dir
         registry = get_registry()
-        model = build_model(cfg, registry, inference=True)
         state = torch.load(weights_path, map_location="cpu", weights_only=False)["model"]
+        model = build_model(cfg, registry, inference=True, state=state)
         missing, unexpected = model.load_state_dict(state, strict=False)
         skipped = set(model.skipped_at_inference) if hasattr(model, "skipped_at_inference") else set()
         bad_missing = [k for k in missing if not any(k.startswith(p) for p in skipped)]

@@ -44,7 +44,8 @@ class ComponentSpec:
     :param text_only_inference: aligners only: ``f(cfg) -> bool``, True when the configured
         aligner runs on text alone at inference, so that prediction builds the model without its
         visual encoder (and never imports it). The aligner's factory then gets
-        ``visual_encoder=None`` and ``inference=True``.
+        ``visual_encoder=None``, ``inference=True`` and ``state``: the state dict about to be
+        loaded (or None), to read sizes that the visual encoder would otherwise give.
     """
 
     name: str

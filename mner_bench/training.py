@@ -100,13 +100,15 @@ def encode_split(tweets: Sequence[Tweet], model: MnerModel, max_length: int) -> 
 
 
 class Batcher:
-    """Turns a split into :class:`Batch` es; loads images when the aligner uses them."""
+    """Turns a split into :class:`Batch` es; loads images when the aligner uses them (with an
+    ``image_provider``) and the caller asks for them (``images``: see
+    :meth:`~mner_bench.model.Aligner.needs_images`)."""
 
     def __init__(self, pad_id: int, image_provider: Any | None = None):
         self.pad_id = pad_id
         self.image_provider = image_provider
 
-    def __call__(self, split: EncodedSplit, indices: Sequence[int], labelled: bool = True) -> Batch:
+    def __call__(self, split: EncodedSplit, indices: Sequence[int], labelled: bool = True, images: bool = True) -> Batch:
         tweets = [split.tweets[i] for i in indices]
         text = collate_text([split.encoded[i] for i in indices], self.pad_id)
         tags = None
@@ -114,17 +116,18 @@ class Batcher:
             tags = torch.zeros(text.word_starts.shape, dtype=torch.long)
             for b, tw in enumerate(tweets):
                 tags[b, : len(tw.tags)] = torch.tensor(encode_tags(tw.tags))
-        images = image_mask = None
-        if self.image_provider is not None:
-            images, image_mask = self.image_provider(tweets)
-        return Batch([t.imgid for t in tweets], text, tags, images, image_mask)
+        pixels = image_mask = None
+        if self.image_provider is not None and images:
+            pixels, image_mask = self.image_provider(tweets)
+        return Batch([t.imgid for t in tweets], text, tags, pixels, image_mask)
 
-    def iterate(self, split: EncodedSplit, batch_size: int, shuffle_rng: random.Random | None = None) -> Iterator[Batch]:
+    def iterate(self, split: EncodedSplit, batch_size: int, shuffle_rng: random.Random | None = None,
+                images: bool = True) -> Iterator[Batch]:
         order = list(range(len(split)))
         if shuffle_rng is not None:
             shuffle_rng.shuffle(order)
         for i in range(0, len(order), batch_size):
-            yield self(split, order[i : i + batch_size])
+            yield self(split, order[i : i + batch_size], images=images)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -152,12 +155,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model(cfg: DictConfig, registry: Registry, inference: bool = False) -> MnerModel:
+def build_model(cfg: DictConfig, registry: Registry, inference: bool = False,
+                state: dict[str, torch.Tensor] | None = None) -> MnerModel:
     """Build a method's model from its resolved config.
 
     With ``inference=True``, an aligner that runs on text alone at inference (see
     :attr:`~mner_bench.registry.ComponentSpec.text_only_inference`) is built without the visual
-    encoder; ``model.skipped_at_inference`` then names the state-dict prefixes left out.
+    encoder, its factory called with ``inference=True`` and ``state`` (the weights about to be
+    loaded, or None) to size itself from; ``model.skipped_at_inference`` then names the
+    state-dict prefixes left out.
     """
     text = registry.create_component("text_encoder", cfg.text_encoder.type, cfg.text_encoder)
     aligner_spec = registry.spec("aligner", cfg.aligner.type)
@@ -165,7 +171,7 @@ def build_model(cfg: DictConfig, registry: Registry, inference: bool = False) ->
     visual = None
     if cfg.visual_encoder is not None and not text_only:
         visual = registry.create_component("visual_encoder", cfg.visual_encoder.type, cfg.visual_encoder)
-    extra = {"inference": True} if text_only else {}
+    extra = {"inference": True, "state": state} if text_only else {}
     aligner = aligner_spec.factory(cfg.aligner, text_encoder=text, visual_encoder=visual, **extra)
     decoder = registry.create_component(
         "decoder", cfg.decoder.type, cfg.decoder, input_size=aligner.output_size, num_tags=len(TAGS), labels=TAGS
@@ -212,7 +218,8 @@ def predict_split(model: MnerModel, batcher: Batcher, split: EncodedSplit, batch
     n_batches = math.ceil(len(split) / batch_size)
     if run is not None:
         run.hook.mner_bench_evaluate_start(run=run, split=name, num_batches=n_batches)
-    for batch in batcher.iterate(split, batch_size):
+    images = model.aligner.needs_images(training=False)
+    for batch in batcher.iterate(split, batch_size, images=images):
         batch = batch.to(device)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             ids = model.predict(batch)
@@ -237,9 +244,10 @@ def measure_speed(model: MnerModel, batcher: Batcher, split: EncodedSplit, devic
     model.eval()
     n = min(n, len(split))
     idx = list(range(n))
+    images = model.aligner.needs_images(training=False)
 
     def run_batch(ix):
-        batch = batcher(split, ix, labelled=False).to(device)
+        batch = batcher(split, ix, labelled=False, images=images).to(device)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             model.predict(batch)
         if device.type == "cuda":
@@ -495,16 +503,23 @@ def _scores_dict(s: Scores) -> dict:
     return {"precision": s.precision, "recall": s.recall, "f1": s.f1, "per_type": s.per_type, "counts": s.counts}
 
 
-def missing_image_scores(model, batcher, split, cfg, device, amp) -> dict[str, float]:
+def missing_image_scores(model, batcher, split, cfg, device, amp, test_scores: Scores) -> dict[str, float]:
     """Test scores with every image replaced by a uniform empty image (``test_f1_empty_image``)
-    and with every image absent (``test_f1_no_image``) — the paper's Table 7 protocols."""
+    and with every image absent (``test_f1_no_image``) — the paper's Table 7 protocols.
+
+    An aligner that reads no images at evaluation (``needs_images(training=False)`` False, e.g.
+    image-free ``bga``) is not run again: its predictions cannot depend on the images, so both
+    equal ``test_scores``."""
     from .images import FixedImageProvider
 
     ip = batcher.image_provider
     out = {}
     for mode, name in (("empty", "empty_image"), ("none", "no_image")):
-        fixed = Batcher(batcher.pad_id, FixedImageProvider(ip.image_size, ip.mean, ip.std, mode))
-        scores, _ = evaluate(model, fixed, split, cfg, device, amp)
+        if model.aligner.needs_images(training=False):
+            fixed = Batcher(batcher.pad_id, FixedImageProvider(ip.image_size, ip.mean, ip.std, mode))
+            scores, _ = evaluate(model, fixed, split, cfg, device, amp)
+        else:
+            scores = test_scores
         out.update({f"test_f1_{name}": scores.f1, f"test_precision_{name}": scores.precision,
                     f"test_recall_{name}": scores.recall})
     return out
@@ -524,7 +539,7 @@ def _finish(model, batcher, cfg, device, amp, ctx, state, enc_train, enc_test, t
     if cfg.tracking.measure_speed:
         final.update(measure_speed(model, batcher, enc_test, device, amp, cfg.tracking.speed_tweets))
     if batcher.image_provider is not None and cfg.train.eval_missing_images:
-        final.update(missing_image_scores(model, batcher, enc_test, cfg, device, amp))
+        final.update(missing_image_scores(model, batcher, enc_test, cfg, device, amp, test_scores))
     final.update(ctx.extras.get("final_metrics", {}))
 
     out_dir = ctx.output_dir

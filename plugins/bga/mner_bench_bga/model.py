@@ -65,6 +65,9 @@ class BgaAlignerConfig:
     text_queries: int = 128
     #: transformer decoder layers per generator
     mcg_layers: int = 1
+    #: feed-forward width of the generators' decoder layers; 2048 (PyTorch's
+    #: ``TransformerDecoderLayer`` default) gives G_t2v the paper's 7.9M parameters at width 768
+    mcg_ff: int = 2048
     #: attention head width in the generators (heads = width / mcg_head_dim)
     mcg_head_dim: int = 64
     #: SCS masks only shrink from layer to layer (m^l = sample * m^(l-1)) instead of being re-sampled
@@ -166,8 +169,9 @@ class BgaDecoderLayer(nn.Module):
     masked source (Eq. 2-3), feed-forward. ``x [B, n, d]``, ``source [B, S, d]``, ``source_mask
     [B, S]`` -> ``[B, n, d]``."""
 
-    def __init__(self, size: int, heads: int, dropout: float):
+    def __init__(self, size: int, heads: int, dropout: float, ff: int | None = None):
         super().__init__()
+        ff = ff or 4 * size
         self.heads = heads
         self.dropout = dropout
         self.norm_self = nn.LayerNorm(size)
@@ -179,7 +183,7 @@ class BgaDecoderLayer(nn.Module):
         self.w_v = nn.Linear(size, size)
         self.w_o = nn.Linear(size, size)
         self.norm_ff = nn.LayerNorm(size)
-        self.ff = nn.Sequential(nn.Linear(size, 4 * size), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * size, size))
+        self.ff = nn.Sequential(nn.Linear(size, ff), nn.GELU(), nn.Dropout(dropout), nn.Linear(ff, size))
         self.drop = nn.Dropout(dropout)
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
@@ -187,11 +191,15 @@ class BgaDecoderLayer(nn.Module):
         return x.view(B, n, self.heads, d // self.heads).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, source: torch.Tensor, source_mask: torch.Tensor) -> torch.Tensor:
+        """``x [B or 1, n, d]``: a batch of one (the learnable queries, the same for every
+        tweet) is broadcast over the source's batch after the parts that do not depend on it."""
         h = self.norm_self(x)
         x = x + self.drop(self.self_attn(h, h, h, need_weights=False)[0])
         # Eq. 2-3: Q from the queries; K and V from the kept source tokens (Eq. 3 as printed
         # takes V from the queries, Q_v W_V; it must be T^l W_V for the shapes to agree)
         q = self._split(self.w_q(self.norm_q(x)))
+        if q.size(0) != source.size(0):
+            q, x = q.expand(source.size(0), -1, -1, -1), x.expand(source.size(0), -1, -1)
         s = self.norm_kv(source)
         k, v = self._split(self.w_k(s)), self._split(self.w_v(s))
         att = masked_attention(q, k, v, source_mask, self.dropout, self.training)
@@ -211,18 +219,20 @@ class BgaGenerator(nn.Module):
     feature space (the KL losses compare it with the real target features); where the widths
     differ the source is first projected by a linear layer. Pre-LN layers without a final norm,
     so that the output can take the scale of either stream (BERT's post-LN states, ViT's
-    residual stream). One layer by default (``aligner.mcg_layers``).
+    residual stream). One layer by default (``aligner.mcg_layers``), feed-forward width 2048
+    (``aligner.mcg_ff``; with PyTorch's ``TransformerDecoderLayer`` sizes G_t2v has the paper's
+    7.9M parameters at width 768).
     """
 
     def __init__(self, source_size: int, target_size: int, num_queries: int, layers: int = 1,
-                 head_dim: int = 64, dropout: float = 0.1):
+                 head_dim: int = 64, dropout: float = 0.1, ff: int | None = None):
         super().__init__()
         heads = max(1, target_size // head_dim)
         while target_size % heads:
             heads -= 1
         self.queries = nn.Parameter(torch.randn(num_queries, target_size) * 0.02)
         self.source_proj = nn.Linear(source_size, target_size) if source_size != target_size else nn.Identity()
-        self.layers = nn.ModuleList(BgaDecoderLayer(target_size, heads, dropout) for _ in range(layers))
+        self.layers = nn.ModuleList(BgaDecoderLayer(target_size, heads, dropout, ff) for _ in range(layers))
 
     @property
     def num_queries(self) -> int:
@@ -235,7 +245,11 @@ class BgaGenerator(nn.Module):
                 f"set aligner.text_queries to at least data.max_length"
             )
         source = self.source_proj(source)
-        x = self.queries[:n].to(source.dtype).unsqueeze(0).expand(source.size(0), -1, -1)
+        x = self.queries[:n].to(source.dtype).unsqueeze(0)
+        if self.training:
+            # dropout must draw per tweet; in eval the first layer's query self-attention and
+            # query projection do not depend on the tweet and run once for the whole batch
+            x = x.expand(source.size(0), -1, -1)
         for layer in self.layers:
             x = layer(x, source, source_mask)
         return x
@@ -394,7 +408,7 @@ class BgaAligner(Aligner):
 
     def __init__(self, cfg: BgaAlignerConfig, text_encoder: TextEncoder, visual_encoder: VisualEncoder | None,
                  inference_dims: tuple[int, int, int] | None = None):
-        """``inference_dims`` = (width, tokens, blocks) of the visual encoder builds the
+        """``inference_dims`` = (width, tokens, blocks or None) of the visual encoder builds the
         image-free inference model without it: no visual SCS, no ``G_v2t``, no visual
         extractors (their state-dict prefixes are in :attr:`skipped_at_inference`)."""
         super().__init__()
@@ -440,17 +454,17 @@ class BgaAligner(Aligner):
         if not 1 <= n <= lt:
             raise ConfigError(f"aligner.bga_layers must be between 1 and the text encoder's {lt} layers, got {n}")
         self.num_bga_layers = n
-        groups = map_layers(lt, lv, n)
         if self.scs:
             self.text_scs = nn.ModuleList(BgaContextSampler(dt, cfg.scs_tau, cfg.scs_cumulative) for _ in range(n))
-        self.g_t2v = BgaGenerator(dt, dv, nv, cfg.mcg_layers, cfg.mcg_head_dim, cfg.dropout)
+        self.g_t2v = BgaGenerator(dt, dv, nv, cfg.mcg_layers, cfg.mcg_head_dim, cfg.dropout, cfg.mcg_ff)
         self.text_extractors = nn.ModuleList(BgaFeatureExtractor(dt, dv, [i]) for i in range(n))
         if text_only:
             self.skipped_at_inference = ["aligner.visual_scs.", "aligner.g_v2t.", "aligner.visual_extractors."]
             return
         if self.scs:
             self.visual_scs = nn.ModuleList(BgaContextSampler(dv, cfg.scs_tau, cfg.scs_cumulative) for _ in range(n))
-        self.g_v2t = BgaGenerator(dv, dt, cfg.text_queries, cfg.mcg_layers, cfg.mcg_head_dim, cfg.dropout)
+        groups = map_layers(lt, lv, n)
+        self.g_v2t = BgaGenerator(dv, dt, cfg.text_queries, cfg.mcg_layers, cfg.mcg_head_dim, cfg.dropout, cfg.mcg_ff)
         self.visual_extractors = nn.ModuleList(BgaFeatureExtractor(dv, dt, g) for g in groups)
 
     # -- what inference runs --------------------------------------------------------------
@@ -465,6 +479,11 @@ class BgaAligner(Aligner):
         if self.training:
             return "generate"
         return "real" if self.inference_visual == "real" else "text"
+
+    def needs_images(self, training: bool) -> bool:
+        """Images are read in training and, at evaluation, only with ``inference_visual=real``:
+        image-free evaluation does not load them at all."""
+        return self.uses_images and (training or self.inference_visual == "real")
 
     def inference_modules(self, text_encoder, visual_encoder=None) -> list[nn.Module]:
         """Image-free inference runs the text encoder, the textual SCS, G_t2v and the text

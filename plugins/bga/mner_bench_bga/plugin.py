@@ -44,8 +44,14 @@ def inference_dims(aligner_cfg) -> tuple[int, int, int]:
     return enc.hidden_size, enc.num_tokens, len(enc.blocks)
 
 
-def make_aligner(cfg, text_encoder, visual_encoder=None, inference: bool = False) -> BgaAligner:
-    dims = inference_dims(cfg) if inference and visual_encoder is None and cfg.mcg else None
+def make_aligner(cfg, text_encoder, visual_encoder=None, inference: bool = False, state=None) -> BgaAligner:
+    """The aligner; for image-free inference (``inference=True``, no visual encoder) G_t2v is
+    sized from the checkpoint's ``state`` (its learnable queries are ``[N_v, d_v]``), so that a
+    loaded model never imports the visual encoder's code; without a state, from the config."""
+    dims = None
+    if inference and visual_encoder is None and cfg.mcg:
+        queries = (state or {}).get("aligner.g_t2v.queries")
+        dims = (queries.shape[1], queries.shape[0], None) if queries is not None else inference_dims(cfg)
     return BgaAligner(cfg, text_encoder, visual_encoder, dims)
 
 

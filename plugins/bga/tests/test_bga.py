@@ -57,6 +57,7 @@ def make(encoders):
     """``make(**aligner_settings) -> MnerModel`` with fresh copies of the tiny encoders."""
 
     def build(**settings):
+        settings.setdefault("mcg_ff", 64)  # generator FFN in proportion to the tiny width (default 2048)
         torch.manual_seed(0)
         text, visual = copy.deepcopy(encoders[0]), copy.deepcopy(encoders[1])
         aligner = BgaAligner(BgaAlignerConfig(**settings), text, visual)
@@ -197,6 +198,21 @@ def test_generator_ignores_dropped_source_tokens_and_cuts_text_queries():
 # --------------------------------------------------------------------------- losses (Eq. 5-7, 11)
 
 
+def test_generator_in_eval_runs_the_queries_once_per_batch_with_the_same_result():
+    """In eval mode the first decoder layer's query self-attention and projection (which do not
+    depend on the tweet) run on a batch of one and are broadcast; the output equals running them
+    per tweet (training mode without dropout takes that path)."""
+    torch.manual_seed(0)
+    gen = BgaGenerator(16, 24, 10, layers=2, head_dim=8, dropout=0.0, ff=40)
+    source = torch.randn(3, 7, 16)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0, 0], [1, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]]).float()
+    broadcast = gen.eval()(source, mask, 10)
+    per_tweet = gen.train()(source, mask, 10)
+    assert broadcast.shape == per_tweet.shape == (3, 10, 24)
+    assert torch.allclose(broadcast, per_tweet, atol=1e-5)
+    assert gen.layers[0].ff[0].out_features == 40
+
+
 def test_kl_is_zero_for_equal_features_and_matches_a_hand_computation():
     real = torch.tensor([[[0.0, 0.0], [1.0, 0.0]]])
     gen = torch.tensor([[[0.0, math_log(3.0)], [5.0, 5.0]]])
@@ -271,6 +287,31 @@ def test_eval_output_is_identical_with_and_without_images_and_runs_no_visual_mod
     assert ran == []
     for h in hooks:
         h.remove()
+
+
+def test_evaluation_loads_no_images_unless_inference_visual_is_real(make):
+    """The batcher asks the image provider for nothing when bga evaluates image-free, so that
+    evaluation and prediction time never includes image loading; training still loads them."""
+    from mner_bench.data import Tweet
+    from mner_bench.training import Batcher, EncodedSplit, predict_split
+
+    class CountingProvider:
+        calls = 0
+
+        def __call__(self, tweets):
+            CountingProvider.calls += 1
+            size = model.visual_encoder.image_size
+            return torch.zeros(len(tweets), 3, size, size), torch.ones(len(tweets), dtype=torch.bool)
+
+    tweets = [Tweet(str(i), w, t) for i, (w, t) in enumerate(zip(WORDS, TAGSEQ))]
+    for setting, expect_calls in (("generated", 0), ("real", 2)):
+        model = make(inference_visual=setting)
+        split = EncodedSplit(tweets, [model.text_encoder.encode_words(t.tokens, 128) for t in tweets])
+        batcher = Batcher(model.text_encoder.tokenizer.pad_token_id, CountingProvider())
+        CountingProvider.calls = 0
+        predict_split(model, batcher, split, 2, torch.device("cpu"), None)
+        assert CountingProvider.calls == expect_calls, setting
+        assert model.aligner.needs_images(training=True)
 
 
 def test_inference_visual_real_uses_the_images(make):
@@ -492,3 +533,18 @@ def test_a_tiny_run_logs_generation_losses_per_epoch_and_the_alignment_analysis(
     assert m["align_top1_chance"] == pytest.approx(1 / 6)
     assert 0 <= m["align_pairwise"] <= 1 and "align_top1_same_label" in m and "align_sim_own_l0" in m
     assert (result.output_dir / "alignment.png").stat().st_size > 0
+
+    # the image-free model loads from the run's files, sized from its checkpoint, in a process
+    # that never imports the visual encoder's library (mner-bench predict, the MLflow pyfunc)
+    import ast
+    import subprocess
+    import sys
+
+    code = ("import sys; from mner_bench.predict import Predictor; "
+            f"p = Predictor.from_run({str(result.output_dir)!r}, device='cpu'); "
+            "print(p.tag([['Obama', 'visits', 'Paris']])); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'open_clip'))")
+    # (torchvision is not a sign of the visual encoder: transformers' modeling_utils imports it)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    tags, imported = out.stdout.strip().splitlines()[-2:]
+    assert len(ast.literal_eval(tags)[0]) == 3 and imported == "[]"
