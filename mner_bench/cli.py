@@ -222,6 +222,24 @@ def cmd_analyze_alignment(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    """Score a finished run's best checkpoint again, with config overrides."""
+    import json
+
+    from .evaluate import evaluate_run, format_result
+
+    res = evaluate_run(args.run, args.overrides, split=args.split, tracking_uri=args.tracking_uri,
+                       device=args.device or "auto", image_dir=args.image_dir)
+    if args.json:
+        s = res.scores
+        print(json.dumps({"run": str(res.run_dir), "dataset": res.dataset, "split": res.split, "tweets": res.tweets,
+                          "overrides": list(args.overrides), "f1": s.f1, "precision": s.precision, "recall": s.recall,
+                          "per_type": s.per_type, **res.image_metrics}))
+    else:
+        print(format_result(res, args.overrides))
+    return 0
+
+
 def cmd_predict(args) -> int:
     import json
     import time
@@ -364,6 +382,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tweets", type=int, help="analyse only the first N tweets with an image")
     p.add_argument("--tracking-uri", help="MLflow store of the run (default: the run's own tracking settings)")
     p.set_defaults(func=cmd_analyze_alignment)
+    p = sub.add_parser("evaluate", help="score a finished run's model again on a split, with config overrides")
+    p.add_argument("run", help="the run's output folder or MLflow run id")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="changes to the run's saved config, e.g. aligner.inference_visual=real")
+    p.add_argument("--split", default="test", help="split to score (default test)")
+    p.add_argument("--image-dir", help="folder of <IMGID>.jpg images for methods that read images")
+    p.add_argument("--device", help="auto (default), cpu, cuda")
+    p.add_argument("--tracking-uri", help="MLflow store to find a run id in (else $MLFLOW_TRACKING_URI, ./mlflow.db)")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("predict", help="tag tweets with a trained run")
     p.add_argument("run", help="the run's output folder or MLflow run id")
     src = p.add_mutually_exclusive_group()

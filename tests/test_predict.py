@@ -153,3 +153,22 @@ def test_mlflow_models_serve_answers_with_entities(tmp_path, trained_run):
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
+
+
+def test_evaluate_rescores_the_run_and_applies_overrides(trained_run, capsys):
+    """``mner-bench evaluate RUN`` scores the test split with the best checkpoint exactly as the
+    run's own final evaluation did; overrides are checked against the saved config."""
+    import json
+
+    metrics = json.loads((trained_run / "metrics.json").read_text())["test"]
+    capsys.readouterr()
+    assert main(["evaluate", str(trained_run), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["split"] == "test" and out["tweets"] > 0
+    assert (out["f1"], out["precision"], out["recall"]) == (metrics["f1"], metrics["precision"], metrics["recall"])
+    assert main(["evaluate", str(trained_run), "--split", "dev", "train.eval_batch_size=3"]) == 0
+    assert "dev" in capsys.readouterr().out
+    assert main(["evaluate", str(trained_run), "aligner.no_such_key=1"]) == 2
+    assert "no_such_key" in capsys.readouterr().err
+    assert main(["evaluate", str(trained_run), "--split", "nope"]) == 2
+    assert "has no split 'nope'" in capsys.readouterr().err

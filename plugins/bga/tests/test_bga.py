@@ -534,6 +534,14 @@ def test_a_tiny_run_logs_generation_losses_per_epoch_and_the_alignment_analysis(
     assert 0 <= m["align_pairwise"] <= 1 and "align_top1_same_label" in m and "align_sim_own_l0" in m
     assert (result.output_dir / "alignment.png").stat().st_size > 0
 
+    # Table 4: the same checkpoint scored with real visual features (mner-bench evaluate)
+    from mner_bench.evaluate import evaluate_run
+
+    generated = evaluate_run(result.output_dir, registry=reg)
+    assert generated.scores.f1 == result.metrics["test_f1"]
+    real = evaluate_run(result.output_dir, ["aligner.inference_visual=real"], registry=reg)
+    assert real.image_metrics["images_found"] > 0 and 0.0 <= real.scores.f1 <= 1.0
+
     # the image-free model loads from the run's files, sized from its checkpoint, in a process
     # that never imports the visual encoder's library (mner-bench predict, the MLflow pyfunc)
     import ast
