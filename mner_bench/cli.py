@@ -118,6 +118,7 @@ def _cli_options(args) -> dict:
         "data.shots": args.shots,
         "data.data_dir": args.data_dir,
         "data.image_dir": getattr(args, "image_dir", None),
+        "data.crop_dir": getattr(args, "crop_dir", None),
         "seed": args.seed,
         "train.epochs": args.epochs,
         "train.device": args.device,
@@ -303,6 +304,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file merged over the method's defaults")
     p.add_argument("--data-dir", help="folder with twitter2015/ and twitter2017/ (else $MNER_BENCH_DATA)")
     p.add_argument("--image-dir", help="folder of <IMGID>.jpg images for multimodal methods (else $MNER_BENCH_IMAGES)")
+    p.add_argument("--crop-dir", help="folder of object crops <IMGID>_crop<k>.jpg (or data.crop_index), up to data.max_crops")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1 ...")
     p.add_argument("--output-dir", help="parent folder of run outputs (default ./runs)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (else $MLFLOW_TRACKING_URI, else ./mlflow.db)")

@@ -49,6 +49,12 @@ class DataConfig:
     #: splits whose images are withheld (counted ``images_withheld``), e.g. ``[test]`` to evaluate
     #: a model trained with images on text alone
     withhold_images: list[str] = field(default_factory=list)
+    #: folder of object crops (HVPNeT/IFAformer style), up to ``max_crops`` per tweet as extra
+    #: visual input; see mner_bench/images.py
+    crop_dir: str | None = None
+    #: JSON or torch-saved dict IMGID -> crop file names in ``crop_dir``; else ``<IMGID>_crop<k>.<ext>``
+    crop_index: str | None = None
+    max_crops: int = 3
     #: settings of the generated ``synth-ambiguous`` / ``synth-consistent`` data sets
     synth: SynthConfig = field(default_factory=SynthConfig)
     #: sub-tokens per tweet, special tokens included

@@ -44,7 +44,16 @@ step = epoch), and as final metrics ``image_load_seconds_epoch1``,
 ``image_load_seconds_epoch_mean``, ``image_load_seconds_total`` (the whole run),
 ``image_cache_build_seconds`` (0 when the cache was reused) and ``image_cache_hit``.
 
-Object crops (HVPNeT/IFAformer style) are not supported yet.
+Object crops (HVPNeT/IFAformer style, optional): up to ``data.max_crops`` (3) crop images per
+tweet from ``data.crop_dir`` (``--crop-dir``), listed by ``data.crop_index`` (a JSON object, or
+the torch-saved dict HVPNeT ships, mapping an IMGID, with or without its image extension, to
+file names relative to the crop folder) or, without an index, found by name:
+``<IMGID>_crop<k>.<ext>`` (k = 0, 1, ...; lowest k first). They are preprocessed like images and
+batched as ``Batch.crops [B, K, 3, S, S]`` with ``Batch.crop_mask [B, K]`` (False for a tweet's
+missing crop slots); the aligner decides what to do with them (UMT appends their visual tokens
+to the image's). Counted once per tweet: ``crops_found``, ``crops_missing`` (listed in the
+index, no file), ``crops_corrupt``; a withheld image withholds its crops. Crops are decoded
+at every use (not cached on disk).
 """
 
 from __future__ import annotations
@@ -53,6 +62,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -377,7 +387,8 @@ class ImageProvider:
     def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float], *,
                  directory: ImageDirectory | None = None, cache: ImageCache | None = None,
                  loader: Callable[[str], Image.Image | None] | None = None, min_side: int = 16,
-                 withheld: Iterable[str] = (), metrics: dict[str, float] | None = None):
+                 withheld: Iterable[str] = (), metrics: dict[str, float] | None = None,
+                 crops: CropSource | None = None):
         if directory is not None and loader is not None:
             raise ValueError("an image provider reads from a directory or from a loader, not both")
         self.image_size = int(image_size)
@@ -395,6 +406,11 @@ class ImageProvider:
         for k in (f"images_{FOUND}", f"images_{MISSING}", f"images_{CORRUPT}", f"images_{WITHHELD}"):
             self.metrics.setdefault(k, 0)
         self.metrics.setdefault("image_load_seconds_total", 0.0)
+        self.crop_source = crops
+        self._crops_counted: set[int] = set()
+        if crops is not None:
+            for k in ("crops_found", "crops_missing", "crops_corrupt"):
+                self.metrics.setdefault(k, 0)
         if cache is not None:
             self.metrics["image_cache_hit"] = float(cache.hit)
             self.metrics["image_cache_build_seconds"] = cache.built_seconds
@@ -470,6 +486,42 @@ class ImageProvider:
         self.metrics["image_load_seconds_total"] = self.total_seconds
         return images, mask
 
+    def crops(self, tweets: Sequence[Tweet]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(crops [B, K, 3, S, S], crop_mask [B, K])`` with K = ``max_crops``, or None without a
+        crop source. A crop that is missing or unusable leaves its slot zero and masked."""
+        if self.crop_source is None:
+            return None
+        t0 = time.perf_counter()
+        S, K = self.image_size, self.crop_source.max_crops
+        out = torch.zeros((len(tweets), K, 3, S, S), dtype=torch.float32)
+        mask = torch.zeros((len(tweets), K), dtype=torch.bool)
+        for b, tw in enumerate(tweets):
+            first = id(tw) not in self._crops_counted
+            if first:
+                self._crops_counted.add(id(tw))
+            if tw.imgid in self.withheld:
+                continue
+            for k, path in enumerate(self.crop_source.files(tw.imgid)):
+                status = "found"
+                if not path.is_file():
+                    status = "missing"
+                    if first:
+                        log.warning("crop %s of tweet %s is listed but does not exist; the slot stays empty", path, tw.imgid)
+                else:
+                    try:
+                        arr = load_image(path, S, self.min_side)
+                        out[b, k] = normalise(arr[None], self.mean, self.std)[0]
+                        mask[b, k] = True
+                    except ImageUnusable as exc:
+                        status = "corrupt"
+                        if first:
+                            log.warning("unusable crop %s of tweet %s: %s; the slot stays empty", path, tw.imgid, exc)
+                if first:
+                    self.metrics[f"crops_{status}"] += 1
+        self.total_seconds += time.perf_counter() - t0
+        self.metrics["image_load_seconds_total"] = self.total_seconds
+        return out, mask
+
     # -- per-epoch timing (called by the core plugin's epoch hooks) -------------------------
     def start_epoch(self) -> None:
         self._epoch_start = self.total_seconds
@@ -481,6 +533,78 @@ class ImageProvider:
         self.metrics["image_load_seconds_epoch1"] = self.epoch_seconds[0]
         self.metrics["image_load_seconds_epoch_mean"] = float(np.mean(self.epoch_seconds))
         return secs
+
+
+# --------------------------------------------------------------------------- object crops
+
+_CROP_NAME = re.compile(r"^(?P<imgid>.+)_crop(?P<k>\d+)\.(?P<ext>[A-Za-z]+)$")
+
+
+class CropSource:
+    """Where each tweet's object crops are: ``files(imgid) -> [Path, ...]`` (at most ``max_crops``).
+
+    :param root: the crop folder.
+    :param index: IMGID -> file names relative to ``root`` (keys may carry an image extension,
+        as in HVPNeT's dicts), or None to find crops by name (``<IMGID>_crop<k>.<ext>``).
+    """
+
+    def __init__(self, root: str | os.PathLike, index: dict[str, list[str]] | None = None, max_crops: int = 3):
+        self.root = Path(root)
+        self.max_crops = int(max_crops)
+        self.by_id: dict[str, list[str]] = {}
+        if index is not None:
+            for key, names in index.items():
+                self.by_id[_strip_image_ext(str(key))] = [str(n) for n in names]
+        else:
+            found: dict[str, list[tuple[int, str]]] = {}
+            with os.scandir(self.root) as entries:
+                for e in entries:
+                    m = _CROP_NAME.match(e.name)
+                    if m and "." + m["ext"].lower() in IMAGE_EXTENSIONS and e.is_file():
+                        found.setdefault(m["imgid"], []).append((int(m["k"]), e.name))
+            self.by_id = {k: [name for _, name in sorted(v)] for k, v in found.items()}
+
+    def files(self, imgid: str) -> list[Path]:
+        return [self.root / name for name in self.by_id.get(imgid, [])[: self.max_crops]]
+
+    @classmethod
+    def from_config(cls, crop_dir: str, crop_index: str | None, max_crops: int) -> CropSource:
+        root = Path(crop_dir).expanduser()
+        if not root.is_dir():
+            raise ConfigError(f"data.crop_dir (--crop-dir): the crop folder {root} "
+                              f"{'is not a folder' if root.exists() else 'does not exist'}")
+        if max_crops < 1:
+            raise ConfigError(f"data.max_crops must be at least 1, got {max_crops}")
+        index = None
+        if crop_index:
+            index = load_crop_index(crop_index)
+        return cls(root, index, max_crops)
+
+
+def _strip_image_ext(name: str) -> str:
+    stem, ext = os.path.splitext(name)
+    return stem if ext.lower() in IMAGE_EXTENSIONS else name
+
+
+def load_crop_index(path: str | os.PathLike) -> dict[str, list[str]]:
+    """A crop index: JSON (``{"IMGID": ["file", ...]}``) or a torch-saved dict of the same shape."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"data.crop_index: {p} does not exist")
+    try:
+        if p.suffix.lower() == ".json":
+            data = json.loads(p.read_text(encoding="utf-8"))
+        else:
+            data = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any reader error is the file's fault: name it
+        raise ConfigError(f"data.crop_index: {p} cannot be read as JSON or a torch-saved dict "
+                          f"({type(exc).__name__}: {exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"data.crop_index: {p} must map IMGIDs to lists of crop file names, got {type(data).__name__}")
+    for key, names in data.items():
+        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+            raise ConfigError(f"data.crop_index: {p}: the entry for '{key}' must be a list of file names, got {names!r}")
+    return data
 
 
 # --------------------------------------------------------------------------- from a run config
@@ -535,6 +659,11 @@ def make_image_provider(cfg, model, ctx) -> ImageProvider:
     metrics = ctx.extras.setdefault("final_metrics", {})
     size, mean, std = int(enc.image_size), enc.mean, enc.std
     common = {"min_side": data.image_min_side, "withheld": withheld, "metrics": metrics}
+    if data.get("crop_dir"):
+        common["crops"] = CropSource.from_config(data.crop_dir, data.get("crop_index"), data.get("max_crops", 3))
+        ctx.tags["crop_dir"] = str(common["crops"].root)
+    elif data.get("crop_index"):
+        raise ConfigError("data.crop_index is set without data.crop_dir (--crop-dir): the crops' folder is needed")
 
     loaders = [spec.image_loader(data) for spec in (main, other) if spec is not None and spec.image_loader]
     directory = None
@@ -586,8 +715,10 @@ def make_prediction_image_provider(cfg, model) -> ImageProvider:
     size, mean, std = int(enc.image_size), enc.mean, enc.std
     image_dir = data.get("image_dir")
     if image_dir:
+        crops = (CropSource.from_config(data.crop_dir, data.get("crop_index"), data.get("max_crops", 3))
+                 if data.get("crop_dir") else None)
         return ImageProvider(size, mean, std, directory=_image_folder(image_dir, "--image-dir (data.image_dir)"),
-                             min_side=min_side)
+                             min_side=min_side, crops=crops)
     if os.environ.get("MNER_BENCH_IMAGES"):
         return ImageProvider(size, mean, std, directory=_image_folder(os.environ["MNER_BENCH_IMAGES"], "$MNER_BENCH_IMAGES"),
                              min_side=min_side)

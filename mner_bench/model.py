@@ -86,6 +86,8 @@ class Batch:
     :ivar tags: ``[B, W]`` gold tag ids (0 = ``O`` where padded), or None when unlabelled.
     :ivar images: ``[B, 3, S, S]`` preprocessed images (zeros where missing), or None.
     :ivar image_mask: ``[B]`` True where the tweet has a valid image, or None.
+    :ivar crops: ``[B, K, 3, S, S]`` object crops (zeros in empty slots), or None.
+    :ivar crop_mask: ``[B, K]`` True where the slot holds a valid crop, or None.
     """
 
     ids: list[str]
@@ -93,6 +95,8 @@ class Batch:
     tags: torch.Tensor | None = None
     images: torch.Tensor | None = None
     image_mask: torch.Tensor | None = None
+    crops: torch.Tensor | None = None
+    crop_mask: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -101,7 +105,8 @@ class Batch:
         def move(t):
             return None if t is None else t.to(device)
 
-        return Batch(self.ids, self.text.to(device), move(self.tags), move(self.images), move(self.image_mask))
+        return Batch(self.ids, self.text.to(device), move(self.tags), move(self.images), move(self.image_mask),
+                     move(self.crops), move(self.crop_mask))
 
 
 @dataclass

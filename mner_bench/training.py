@@ -116,10 +116,14 @@ class Batcher:
             tags = torch.zeros(text.word_starts.shape, dtype=torch.long)
             for b, tw in enumerate(tweets):
                 tags[b, : len(tw.tags)] = torch.tensor(encode_tags(tw.tags))
-        pixels = image_mask = None
+        pixels = image_mask = crops = crop_mask = None
         if self.image_provider is not None and images:
             pixels, image_mask = self.image_provider(tweets)
-        return Batch([t.imgid for t in tweets], text, tags, pixels, image_mask)
+            with_crops = getattr(self.image_provider, "crops", None)
+            got = with_crops(tweets) if with_crops is not None else None
+            if got is not None:
+                crops, crop_mask = got
+        return Batch([t.imgid for t in tweets], text, tags, pixels, image_mask, crops, crop_mask)
 
     def iterate(self, split: EncodedSplit, batch_size: int, shuffle_rng: random.Random | None = None,
                 images: bool = True) -> Iterator[Batch]:

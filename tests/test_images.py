@@ -365,3 +365,113 @@ def test_prediction_provider_reads_the_folder_or_the_data_sets_images(image_dir,
     with caplog.at_level(logging.WARNING, logger="mner_bench.images"):
         none = make_prediction_image_provider(OmegaConf.create({"method": "m", "data": {"dataset": "t15"}}), model)
     assert "NO IMAGES" in caplog.text and not none([tweet("good")])[1].any()
+
+
+# --------------------------------------------------------------------------- object crops
+
+
+def test_crops_by_name_and_by_index_with_counts_and_masks(tmp_path, caplog):
+    """Crops come from ``<IMGID>_crop<k>`` names (lowest k first) or from an HVPNeT-style index
+    (JSON or torch-saved; keys with or without the extension), at most ``max_crops`` per tweet;
+    missing, unusable and withheld crops leave masked zero slots and are counted once per tweet."""
+    from mner_bench.images import CropSource, load_crop_index
+
+    d = tmp_path / "crops"
+    d.mkdir()
+    solid((200, 0, 0)).save(d / "a_crop1.png")
+    solid((0, 200, 0)).save(d / "a_crop0.jpg")
+    solid((0, 0, 200)).save(d / "a_crop2.png")
+    solid((9, 9, 9)).save(d / "a_crop3.png")  # beyond max_crops=3
+    (d / "b_crop0.jpg").write_text("not an image")
+    solid((50, 50, 50)).save(d / "w_crop0.png")
+    (d / "a_crop.txt").write_text("ignored")
+    by_name = CropSource(d, None, max_crops=3)
+    assert [p.name for p in by_name.files("a")] == ["a_crop0.jpg", "a_crop1.png", "a_crop2.png"]
+    assert by_name.files("nothing") == []
+
+    provider = ImageProvider(S, MEAN, STD, crops=by_name, withheld={"w"})
+    tweets = [tweet("a"), tweet("b"), tweet("c"), tweet("w")]
+    with caplog.at_level(logging.WARNING):
+        crops, mask = provider.crops(tweets)
+        provider.crops(tweets)  # counted once per tweet
+    assert crops.shape == (4, 3, 3, S, S)
+    assert mask.tolist() == [[True, True, True], [False, False, False], [False] * 3, [False] * 3]
+    expected = normalise(np.array(solid((0, 200, 0)).resize((S, S)))[None], MEAN, STD)[0]
+    torch.testing.assert_close(crops[0, 0], expected, atol=0.05, rtol=0)  # k=0 first (JPEG: near)
+    assert crops[1:].abs().sum() == 0
+    assert (provider.metrics["crops_found"], provider.metrics["crops_corrupt"], provider.metrics["crops_missing"]) == (3, 1, 0)
+    assert "b_crop0.jpg" in caplog.text
+
+    (tmp_path / "index.json").write_text('{"a.jpg": ["a_crop2.png", "gone.png"], "b": []}')
+    index = load_crop_index(tmp_path / "index.json")
+    torch.save({"a.jpg": ["a_crop2.png"]}, tmp_path / "index.pth")
+    assert load_crop_index(tmp_path / "index.pth") == {"a.jpg": ["a_crop2.png"]}
+    listed = ImageProvider(S, MEAN, STD, crops=CropSource(d, index, max_crops=2))
+    crops, mask = listed.crops([tweet("a"), tweet("b")])
+    assert crops.shape == (2, 2, 3, S, S) and mask.tolist() == [[True, False], [False, False]]
+    assert listed.metrics["crops_missing"] == 1 and listed.metrics["crops_found"] == 1
+    assert ImageProvider(S, MEAN, STD).crops(tweets) is None
+
+
+def test_bad_crop_settings_fail_naming_the_key(tmp_path):
+    from mner_bench.images import CropSource, load_crop_index
+
+    with pytest.raises(ConfigError, match="data.crop_dir .* does not exist"):
+        CropSource.from_config(str(tmp_path / "nope"), None, 3)
+    with pytest.raises(ConfigError, match="data.max_crops must be at least 1"):
+        CropSource.from_config(str(tmp_path), None, 0)
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match=r"bad.json must map IMGIDs"):
+        load_crop_index(tmp_path / "bad.json")
+    (tmp_path / "bad2.json").write_text('{"a": "one.png"}')
+    with pytest.raises(ConfigError, match=r"entry for 'a' must be a list"):
+        load_crop_index(tmp_path / "bad2.json")
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(ConfigError, match=r"broken.json cannot be read"):
+        load_crop_index(tmp_path / "broken.json")
+
+
+def test_batcher_carries_crops_into_the_batch(tmp_path):
+    from mner_bench.images import CropSource
+    from mner_bench.training import Batcher, EncodedSplit
+
+    d = tmp_path / "crops"
+    d.mkdir()
+    solid((200, 0, 0)).save(d / "a_crop0.png")
+    provider = ImageProvider(S, MEAN, STD, crops=CropSource(d, None, max_crops=2))
+    from mner_bench.model import EncodedText
+
+    enc = EncodedText(input_ids=[101, 5, 102], word_starts=[1], num_words=1)
+    split = EncodedSplit([tweet("a"), tweet("b")], [enc, enc])
+    batch = Batcher(0, provider)(split, [0, 1])
+    assert batch.crops.shape == (2, 2, 3, S, S) and batch.crop_mask.tolist() == [[True, False], [False, False]]
+    assert Batcher(0, provider)(split, [0, 1], images=False).crops is None
+
+
+def test_a_umt_run_reads_object_crops_and_counts_them(tmp_path):
+    """``mner-bench run umt --crop-dir`` end to end: crops by name for some tweets, counted in the
+    run's metrics; the run finishes with finite scores."""
+    from .conftest import tiny_overrides
+
+    from mner_bench.cli import main
+    from mner_bench.registry import get_registry
+    from mner_bench.synth import SynthConfig, generate
+
+    cfg = SynthConfig(train_size=8, dev_size=4, test_size=4)
+    crops = tmp_path / "crops"
+    crops.mkdir()
+    train = generate("ambiguous", "train", cfg)
+    for i, t in enumerate(train[:3]):
+        solid((40 * i, 100, 200)).save(crops / f"{t.imgid}_crop0.png")
+    solid((1, 2, 3)).save(crops / f"{train[0].imgid}_crop1.png")
+    get_registry()
+    out = tmp_path / "runs"
+    rc = main(["run", "umt", "--dataset", "synth-ambiguous", "--crop-dir", str(crops), "--output-dir", str(out),
+               "--epochs", "1", "--quiet", *tiny_overrides("umt"), "data.synth.train_size=8", "data.synth.dev_size=4",
+               "data.synth.test_size=4", "tracking.enabled=false", "tracking.measure_speed=false", "train.batch_size=4"])
+    assert rc == 0
+    import json
+
+    m = json.loads(next(out.iterdir()).joinpath("metrics.json").read_text())["metrics"]
+    assert (m["crops_found"], m["crops_missing"], m["crops_corrupt"]) == (4, 0, 0)
+    assert 0.0 <= m["test_f1"] <= 1.0

@@ -254,11 +254,14 @@ class UmtAligner(Aligner):
 
     # -- visual side ----------------------------------------------------------------------
     def visual_tokens(self, batch: Batch, visual_encoder: VisualEncoder) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[B, N_v, H_v]`` visual tokens and ``[B]`` bool: which tweets' tokens are attended to.
+        """``[B, N, H_v]`` visual tokens and ``[B, N]`` bool: which tokens are attended to.
 
         ``missing_image=mask``: missing images are zeroed before encoding and masked; with no
         valid image in the batch the visual encoder is skipped (one zero token per tweet, all
         masked). ``missing_image=empty``: they are replaced by :meth:`empty_image` and attended to.
+        Object crops (``Batch.crops [B, K, ...]``, where the data has them) are encoded like
+        images and their tokens appended after the image's (``N = N_v (1 + K)``); an empty crop
+        slot is never encoded and its tokens are masked.
         """
         n = len(batch)
         device = batch.text.input_ids.device
@@ -268,8 +271,11 @@ class UmtAligner(Aligner):
             valid = torch.ones(n, dtype=torch.bool, device=device)
         else:
             valid = batch.image_mask.to(device=device, dtype=torch.bool)
-        if self.missing_image == "mask" and not bool(valid.any()):
-            return torch.zeros(n, 1, visual_encoder.hidden_size, device=device), valid
+        crop_mask = None
+        if batch.crops is not None and batch.crop_mask is not None and bool(batch.crop_mask.any()):
+            crop_mask = batch.crop_mask.to(device=device, dtype=torch.bool)
+        if self.missing_image == "mask" and not bool(valid.any()) and crop_mask is None:
+            return torch.zeros(n, 1, visual_encoder.hidden_size, device=device), torch.zeros(n, 1, dtype=torch.bool, device=device)
         size = visual_encoder.image_size
         images = batch.images if batch.images is not None else torch.zeros(n, 3, size, size, device=device)
         fill = self.empty_image(visual_encoder).to(device=device, dtype=images.dtype)
@@ -279,7 +285,15 @@ class UmtAligner(Aligner):
         tokens = visual_encoder(images)
         if self.missing_image == "empty":
             valid = torch.ones_like(valid)
-        return tokens, valid
+        token_valid = valid[:, None].expand(-1, tokens.size(1))
+        if crop_mask is not None:
+            k = crop_mask.size(1)
+            encoded = visual_encoder(batch.crops[crop_mask])  # [M, N_v, H_v], the valid crops only
+            crop_tokens = tokens.new_zeros(n, k, tokens.size(1), tokens.size(2))
+            crop_tokens[crop_mask] = encoded.to(tokens.dtype)
+            tokens = torch.cat([tokens, crop_tokens.flatten(1, 2)], dim=1)
+            token_valid = torch.cat([token_valid, crop_mask.repeat_interleave(encoded.size(1), dim=1)], dim=1)
+        return tokens, token_valid
 
     @staticmethod
     def empty_image(visual_encoder: VisualEncoder) -> torch.Tensor:
@@ -296,9 +310,9 @@ class UmtAligner(Aligner):
         :param r: ``R [B, L, H]`` main-branch text states.
         :param text_padding: ``[B, L]`` True on sub-token padding.
         :param visual: ``U [B, N_v, H_v]`` visual tokens.
-        :param valid: ``[B]`` False where the tweet's visual tokens are masked out.
+        :param valid: ``[B, N_v]`` (or ``[B]``: per tweet) False where visual tokens are masked out.
         """
-        visual_padding = (~valid)[:, None].expand(-1, visual.size(1))  # [B, N_v]
+        visual_padding = ~valid if valid.dim() == 2 else (~valid)[:, None].expand(-1, visual.size(1))  # [B, N_v]
         a = self.text_to_image(r, self.v1(visual), visual_padding)
         q = self.image_to_text(self.v2(visual), r, text_padding)
         b = self.text_to_word_aware_image(r, q, visual_padding)

@@ -117,7 +117,7 @@ def test_shapes_of_every_stage(text_encoder):
     c = text_encoder(batch.text)
     pad = batch.text.attention_mask == 0
     visual, valid = model.aligner.visual_tokens(batch, model.visual_encoder)
-    assert visual.shape == (B, 4, 16) and valid.tolist() == [True, True, True]
+    assert visual.shape == (B, 4, 16) and valid.tolist() == [[True] * 4] * 3
     inter = model.aligner.interact(model.aligner.main_layer(c, c, pad), pad, visual, valid)
     assert inter.image_aware.shape == inter.visual_aware.shape == inter.gate.shape == (B, L, 32)
     assert inter.word_aware_visual.shape == (B, 4, 32)
@@ -312,3 +312,26 @@ def test_bad_configs_fail_with_the_key(text_encoder):
         UmtAligner(UmtAlignerConfig(), text_encoder, None)
     with pytest.raises(ConfigError, match="aligner.num_heads"):
         UmtAligner(UmtAlignerConfig(num_heads=3), text_encoder, TinyVisual())
+
+
+def test_object_crops_add_visual_tokens_and_empty_slots_change_nothing(text_encoder):
+    """Crops are encoded like the image and their tokens appended (masked where a slot is
+    empty): a tweet without crops gets exactly the output it gets without any crops in the
+    batch; a tweet with a crop gets a different one."""
+    model = build(text_encoder)
+    batch = make_batch(text_encoder)
+    hidden, _ = hidden_and_emissions(model, batch)
+    g = torch.Generator().manual_seed(5)
+    batch.crops = torch.randn(3, 2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
+    batch.crop_mask = torch.tensor([[True, False], [False, False], [True, True]])
+    visual, valid = model.aligner.visual_tokens(batch, model.visual_encoder)
+    assert visual.shape == (3, 4 * 3, 16)
+    assert valid.tolist()[1] == [True] * 4 + [False] * 8 and valid.tolist()[0] == [True] * 8 + [False] * 4
+    assert visual[1, 4:].abs().sum() == 0  # empty slots are never encoded
+    with_crops, _ = hidden_and_emissions(model, batch)
+    torch.testing.assert_close(with_crops[1], hidden[1])
+    assert not torch.allclose(with_crops[0], hidden[0]) and not torch.allclose(with_crops[2], hidden[2])
+    # crops alone (no valid image) still reach the model
+    batch.image_mask = torch.tensor([False, False, False])
+    visual, valid = model.aligner.visual_tokens(batch, model.visual_encoder)
+    assert valid[0, :4].any().item() is False and valid[0, 4:8].all().item() is True

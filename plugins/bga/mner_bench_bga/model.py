@@ -30,6 +30,7 @@ listed in ``plugins/bga/README.md``.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -39,6 +40,8 @@ from torch import nn
 
 from mner_bench.errors import ConfigError
 from mner_bench.model import Aligner, AlignerOutput, Batch, TextEncoder, VisualEncoder
+
+log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- configuration
 
@@ -510,6 +513,10 @@ class BgaAligner(Aligner):
         """Run the N BGA layers (Eq. 1-8) and collect what they produced. ``mode`` (default
         :meth:`mode`) may be forced, e.g. to ``generate`` in eval mode for the alignment analysis."""
         mode = mode or self.mode(batch)
+        if mode != "text" and batch.crops is not None and not getattr(self, "_warned_crops", False):
+            self._warned_crops = True
+            log.warning("bga does not use object crops yet (data.crop_dir): its visual stream is the "
+                        "image's %d ViT tokens; the crops are loaded but not read", self.g_t2v.num_queries)
         text_valid = batch.text.attention_mask.bool()
         B, L = text_valid.shape
         t = text_encoder.embed(batch.text)  # T^0 [B, L, d_t]
