@@ -448,9 +448,10 @@ def test_batcher_carries_crops_into_the_batch(tmp_path):
     assert Batcher(0, provider)(split, [0, 1], images=False).crops is None
 
 
-def test_a_umt_run_reads_object_crops_and_counts_them(tmp_path):
-    """``mner-bench run umt --crop-dir`` end to end: crops by name for some tweets, counted in the
-    run's metrics; the run finishes with finite scores."""
+@pytest.mark.parametrize("method, extra", [("umt", []), ("bga", ["aligner.crops=2"])])
+def test_a_run_reads_object_crops_and_counts_them(tmp_path, method, extra):
+    """``mner-bench run umt|bga --crop-dir`` end to end: crops by name for some tweets, counted in
+    the run's metrics; the run finishes with finite scores."""
     from .conftest import tiny_overrides
 
     from mner_bench.cli import main
@@ -466,8 +467,8 @@ def test_a_umt_run_reads_object_crops_and_counts_them(tmp_path):
     solid((1, 2, 3)).save(crops / f"{train[0].imgid}_crop1.png")
     get_registry()
     out = tmp_path / "runs"
-    rc = main(["run", "umt", "--dataset", "synth-ambiguous", "--crop-dir", str(crops), "--output-dir", str(out),
-               "--epochs", "1", "--quiet", *tiny_overrides("umt"), "data.synth.train_size=8", "data.synth.dev_size=4",
+    rc = main(["run", method, "--dataset", "synth-ambiguous", "--crop-dir", str(crops), "--output-dir", str(out),
+               "--epochs", "1", "--quiet", *tiny_overrides(method), *extra, "data.synth.train_size=8", "data.synth.dev_size=4",
                "data.synth.test_size=4", "tracking.enabled=false", "tracking.measure_speed=false", "train.batch_size=4"])
     assert rc == 0
     import json

@@ -29,6 +29,11 @@ Reported:
   shade, background) is drawn at random per image, so nothing in the text can single out the
   own image among the other images of its type, and ``align_top1`` is bounded by about one
   over the number of test images of the own type;
+* ``align_top1_other_labels``: with image labels, the fraction of tweets whose own image is more
+  similar than every image of another label, i.e. ``align_top1`` with the own label's other
+  images (the same picture up to jitter) left out of the competition, as retrieval benchmarks
+  count duplicates of the target; ``align_top1_other_labels_chance`` is its value for random
+  similarities (1 / (1 + number of images of other labels), averaged over the tweets);
 * ``align_sim_own`` / ``align_sim_other``: mean similarity to the own image / to the others;
 * the same per layer, suffixed ``_l{l}``.
 
@@ -142,6 +147,11 @@ def summarise(sim: torch.Tensor, labels: list[str | None] | None = None, suffix:
         m[f"align_top1_same_label{suffix}"] = sum(labels[b] == labels[i] for i, b in enumerate(best)) / n
         if not suffix and n > 1:  # a best image drawn at random among the others
             m["align_top1_same_label_chance"] = sum((labels.count(lab) - 1) / (n - 1) for lab in labels) / n
+        other = torch.tensor([[a != b for b in labels] for a in labels])  # [n, n]: image j has another label
+        beaten = (sim >= own[:, None]) & other  # a tie with an image of another label counts against
+        m[f"align_top1_other_labels{suffix}"] = float((~beaten.any(1)).float().mean())
+        if not suffix:
+            m["align_top1_other_labels_chance"] = float((1.0 / (1.0 + other.sum(1).float())).mean())
     return m
 
 
@@ -253,6 +263,8 @@ def format_result(res: AlignmentResult) -> str:
     if "align_top1_same_label" in m:
         lines.append(f"  most similar image has the own image's label: {m['align_top1_same_label']:.3f}"
                      f" (chance {m.get('align_top1_same_label_chance', float('nan')):.3f})")
+        lines.append(f"  own image more similar than every image of another label: {m['align_top1_other_labels']:.3f}"
+                     f" (chance {m.get('align_top1_other_labels_chance', float('nan')):.3f})")
     lines.append(f"  mean similarity: own {m['align_sim_own']:.4f}, other {m['align_sim_other']:.4f}")
     layers = sorted({int(k.rsplit('_l', 1)[1]) for k in m if k.startswith("align_top1_l")})
     for layer in layers:

@@ -1,7 +1,8 @@
 """BGA-MNER: Bidirectional Generative Alignment for multimodal NER (Chen et al., ACM MM 2023).
 
 The model math, top to bottom, with the paper's equation numbers. Shapes: B tweets, L text
-sub-tokens, N_v visual tokens (CLIP ViT-B/32 at 224 px: 1 class token + 49 patches = 50),
+sub-tokens, N_v visual tokens (CLIP ViT-B/32 at 224 px: 1 class token + 49 patches = 50 per
+image; with ``aligner.crops=K`` each of K object-crop slots adds the crop's own 50 tokens),
 d_t / d_v text / visual widths (MiniLM 384, BERT-base 768, ViT-B/32 768).
 
 One BGA layer l (``0 <= l < N``) takes the text stream ``T^l [B, L, d_t]`` and the visual
@@ -62,6 +63,11 @@ class BgaAlignerConfig:
     #: how features become distributions for the KL of Eq. 5-7: softmax over the feature
     #: dimension of each token (``feature``) or over the token positions of each feature (``token``)
     kl_softmax: str = "feature"
+    #: object-crop slots in the visual stream (the paper's "global image + detected objects"):
+    #: each adds the crop's ViT input tokens after the image's (N_v grows by the encoder's tokens
+    #: per slot, and so do G_t2v's queries Q_v and image-free inference); missing crops are masked.
+    #: 0 (default): the image only. Needs crops in the data (``data.crop_dir`` / ``--crop-dir``)
+    crops: int = 0
     #: N, the number of BGA layers; default (null): text encoder layers - 1
     bga_layers: int | None = None
     #: length of the learnable text queries Q_t (>= the longest batch in sub-tokens, data.max_length)
@@ -422,6 +428,9 @@ class BgaAligner(Aligner):
             raise ConfigError(f"aligner.kl_softmax must be 'feature' or 'token', got '{cfg.kl_softmax}'")
         if cfg.alpha < 0:
             raise ConfigError(f"aligner.alpha must be >= 0, got {cfg.alpha}")
+        if cfg.crops < 0:
+            raise ConfigError(f"aligner.crops must be >= 0 (object-crop slots), got {cfg.crops}")
+        self.crop_slots = cfg.crops
         self.output_size = text_encoder.hidden_size
         self.mcg = cfg.mcg
         self.scs = cfg.scs and cfg.mcg
@@ -442,7 +451,7 @@ class BgaAligner(Aligner):
         if text_only:
             if cfg.inference_visual != "generated":
                 raise ConfigError("aligner.inference_visual=real needs the visual encoder at inference")
-            dv, nv, lv = inference_dims
+            dv, nv, lv = inference_dims  # nv: G_t2v's queries, crop slots included
             self.uses_images = False
         else:
             if visual_encoder is None:
@@ -451,7 +460,8 @@ class BgaAligner(Aligner):
             for attr in ("embed", "blocks", "num_tokens"):
                 if not hasattr(visual_encoder, attr):
                     raise ConfigError(f"aligner.type=bga needs a visual encoder with '{attr}' (a ViT such as clip-vit-b32)")
-            dv, nv, lv = visual_encoder.hidden_size, visual_encoder.num_tokens, len(visual_encoder.blocks)
+            dv, lv = visual_encoder.hidden_size, len(visual_encoder.blocks)
+            nv = visual_encoder.num_tokens * (1 + cfg.crops)
         lt, dt = text_encoder.num_layers, text_encoder.hidden_size
         n = cfg.bga_layers if cfg.bga_layers is not None else lt - 1
         if not 1 <= n <= lt:
@@ -513,10 +523,12 @@ class BgaAligner(Aligner):
         """Run the N BGA layers (Eq. 1-8) and collect what they produced. ``mode`` (default
         :meth:`mode`) may be forced, e.g. to ``generate`` in eval mode for the alignment analysis."""
         mode = mode or self.mode(batch)
-        if mode != "text" and batch.crops is not None and not getattr(self, "_warned_crops", False):
+        if (mode != "text" and batch.crops is not None and not self.crop_slots
+                and not getattr(self, "_warned_crops", False)):
             self._warned_crops = True
-            log.warning("bga does not use object crops yet (data.crop_dir): its visual stream is the "
-                        "image's %d ViT tokens; the crops are loaded but not read", self.g_t2v.num_queries)
+            log.warning("the data has object crops but aligner.crops=0: bga's visual stream is the image's "
+                        "%d ViT tokens only; set aligner.crops=K (e.g. data.max_crops) to add them",
+                        self.g_t2v.num_queries)
         text_valid = batch.text.attention_mask.bool()
         B, L = text_valid.shape
         t = text_encoder.embed(batch.text)  # T^0 [B, L, d_t]
@@ -524,6 +536,9 @@ class BgaAligner(Aligner):
         if mode != "text":
             v = visual_encoder.embed(batch.images).to(t.dtype)  # V^0 [B, N_v, d_v]
             v_valid = torch.ones(v.shape[:2], dtype=torch.bool, device=v.device)
+            if self.crop_slots:
+                crop_tokens, crop_valid = self.crop_tokens(batch, visual_encoder, v.size(1), v.dtype)
+                v, v_valid = torch.cat([v, crop_tokens], 1), torch.cat([v_valid, crop_valid], 1)
             has_image = (batch.image_mask.bool() if batch.image_mask is not None
                          else torch.ones(B, dtype=torch.bool, device=t.device))
         gen_valid = torch.ones(B, self.g_t2v.num_queries, dtype=torch.bool, device=t.device)
@@ -536,7 +551,7 @@ class BgaAligner(Aligner):
             v_hat = self.g_t2v(t, mt, self.g_t2v.num_queries)
             out.generated_visual.append(v_hat)
             out.text_masks.append(mt)
-            t_next_kv = v_hat
+            t_next_kv, kv_valid = v_hat, gen_valid
             if v is not None:
                 mv = self.visual_scs[layer](v, mv_prev, v_valid) if self.scs and mode == "generate" else v_valid.float()
                 out.real_visual.append(v)
@@ -544,6 +559,7 @@ class BgaAligner(Aligner):
                 if mode == "real":
                     # Table 4's "real visual": the text stream attends to V^l (generated where no image)
                     t_next_kv = torch.where(has_image[:, None, None], v, v_hat)
+                    kv_valid = torch.where(has_image[:, None], v_valid, gen_valid)  # no empty crop slot
                     t_for_visual = t
                 else:
                     # Eq. 3: T_hat^l = G_v2t(V^l, Q_t, m_v^l)
@@ -554,12 +570,27 @@ class BgaAligner(Aligner):
                 v_next = self.visual_extractors[layer](visual_encoder.blocks, v, v_valid, t_for_visual, text_valid)
                 mv_prev = mv
             # Eq. 8 (text): T^(l+1) from T^l over [T^l, V_hat^l]
-            t = self.text_extractors[layer](text_encoder.layers, t, text_valid, t_next_kv, gen_valid)
+            t = self.text_extractors[layer](text_encoder.layers, t, text_valid, t_next_kv, kv_valid)
             if v is not None:
                 v = v_next
             mt_prev = mt
         out.text = t
         return out
+
+    def crop_tokens(self, batch: Batch, visual_encoder, n_tokens: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(tokens [B, K * N_v, d_v], valid [B, K * N_v])`` of the K = ``aligner.crops`` crop
+        slots: each valid crop through ``visual_encoder.embed`` like an image (only the valid ones
+        are encoded), slots beyond the batch's crops or without a crop zero and invalid."""
+        B, K, device = len(batch), self.crop_slots, batch.text.attention_mask.device
+        tokens = torch.zeros(B, K, n_tokens, visual_encoder.hidden_size, dtype=dtype, device=device)
+        slot_valid = torch.zeros(B, K, dtype=torch.bool, device=device)
+        if batch.crops is not None and batch.crop_mask is not None:
+            k = min(K, batch.crops.size(1))
+            mask = batch.crop_mask[:, :k].to(device=device, dtype=torch.bool)
+            if bool(mask.any()):
+                slot_valid[:, :k] = mask
+                tokens[:, :k][mask] = visual_encoder.embed(batch.crops[:, :k][mask]).to(dtype)
+        return tokens.flatten(1, 2), slot_valid.repeat_interleave(n_tokens, dim=1)
 
     def _losses(self, out: BgaStreams, t, v, t_hat, v_hat, mt, mv, text_valid, v_valid, has_image) -> None:
         """Eq. 5 (reconstruction) and Eq. 6-7 (cycle) of one layer, per tweet ``[B]``; tweets

@@ -19,7 +19,8 @@ CONFIGS = Path(__file__).parent / "configs"
 
 
 def inference_dims(aligner_cfg) -> tuple[int, int, int]:
-    """(width, tokens, blocks) of the run's visual encoder, read without its weights: the
+    """(width, G_t2v queries, blocks) of the run's visual encoder, read without its weights (the
+    queries: its tokens per image times 1 + ``aligner.crops``): the
     architecture is built on the ``meta`` device (no memory, no file read, pretrained off), so
     that image-free inference can build ``G_t2v`` without the visual encoder."""
     from mner_bench.registry import get_registry
@@ -41,7 +42,7 @@ def inference_dims(aligner_cfg) -> tuple[int, int, int]:
             enc = spec.factory(node)
     finally:
         quiet.setLevel(level)
-    return enc.hidden_size, enc.num_tokens, len(enc.blocks)
+    return enc.hidden_size, enc.num_tokens * (1 + aligner_cfg.crops), len(enc.blocks)
 
 
 def make_aligner(cfg, text_encoder, visual_encoder=None, inference: bool = False, state=None) -> BgaAligner:

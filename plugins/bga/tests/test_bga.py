@@ -500,6 +500,89 @@ def test_bga_modules_train_at_the_encoder_lr_unless_told_otherwise(make, encoder
     assert {lr_of[id(p)] for p in model.text_encoder.parameters()} == {3e-5}
 
 
+def test_alignment_summary_on_a_hand_made_similarity_matrix():
+    """Rows are tweets' generated features, columns images; labels as the synth sets give them."""
+    from mner_bench_bga.analysis import summarise
+
+    sim = torch.tensor([[0.9, 0.95, 0.1, 0.2],   # own image 2nd, beaten by an image of its own label only
+                        [0.5, 0.4, 0.6, 0.1],    # own image beaten by an image of another label
+                        [0.1, 0.2, 0.7, 0.7],    # tie with an image of another label: counts against
+                        [0.0, 0.1, 0.2, 0.3]])   # own image first
+    m = summarise(sim, ["PER", "PER", "LOC", "ORG"])
+    assert m["align_top1"] == 0.5  # tweet 3, and tweet 2 (argmax: the first of the tie, its own)
+    assert m["align_top1_same_label"] == 0.75  # tweets 0 (best: image 1, PER), 2 and 3
+    assert m["align_top1_other_labels"] == 0.5  # tweets 0 and 3
+    assert m["align_top1_other_labels_chance"] == pytest.approx((1 / 3 + 1 / 3 + 1 / 4 + 1 / 4) / 4)
+    assert m["align_pairwise"] == pytest.approx((2 + 1 + 2 + 3) / 12)
+    assert "align_top1_other_labels" not in summarise(sim, None)
+
+
+def vis_n(model: MnerModel) -> int:
+    return model.visual_encoder.num_tokens
+
+
+def crop_batch(model: MnerModel, crop_mask) -> Batch:
+    """``make_batch`` with two crop slots per tweet (random pixels) and the given slot mask."""
+    batch = make_batch(model)
+    size = model.visual_encoder.image_size
+    g = torch.Generator().manual_seed(2)
+    batch.crops, batch.crop_mask = torch.randn(3, 2, 3, size, size, generator=g), torch.tensor(crop_mask)
+    return batch
+
+
+def test_crop_slots_append_each_crops_tokens_and_mask_the_missing_ones(make):
+    model = make(crops=2).eval()
+    vis, n = model.visual_encoder, model.visual_encoder.num_tokens
+    assert model.aligner.g_t2v.num_queries == 3 * n  # Q_v: the image's tokens and two slots'
+    batch = crop_batch(model, [[True, False], [False, False], [True, True]])
+    with torch.no_grad():
+        s = model.aligner.streams(batch, model.text_encoder, vis, mode="generate")
+        v0 = s.real_visual[0]
+        assert v0.shape[1] == 3 * n and s.generated_visual[0].shape[1] == 3 * n
+        assert torch.allclose(v0[0, n:2 * n], vis.embed(batch.crops[0, :1])[0])
+        assert torch.allclose(v0[2, 2 * n:], vis.embed(batch.crops[2, 1:])[0])
+        assert not v0[0, 2 * n:].any() and not v0[1, n:].any()  # empty slots stay zero
+        for mv in s.visual_masks:  # the visual SCS never keeps an empty slot's tokens
+            assert not mv[0, 2 * n:].any() and not mv[1, n:].any() and mv[2].sum() > 0
+        # an empty slot's pixels are never read: same streams and losses whatever they hold
+        batch.crops[1] = torch.randn_like(batch.crops[1]) * 10
+        s2 = model.aligner.streams(batch, model.text_encoder, vis, mode="generate")
+    assert torch.equal(s.text, s2.text)
+    assert all(torch.equal(a, b) for a, b in zip(s.recon, s2.recon, strict=True))
+
+
+def test_crop_slots_change_what_is_learned_not_image_free_inference(make):
+    from mner_bench_bga.plugin import make_aligner
+
+    model = make(crops=2)
+    batch = crop_batch(model, [[True, False], [False, False], [True, True]])
+    loss = model(batch).loss
+    loss.backward()
+    assert torch.isfinite(loss) and model.aligner.g_t2v.queries.grad[vis_n(model):].abs().sum() > 0
+    model.eval()
+    # the image-free model, sized from the checkpoint (queries of the image and both slots)
+    cfg = BgaAlignerConfig(crops=2, mcg_ff=64)
+    text = copy.deepcopy(model.text_encoder)
+    small_aligner = make_aligner(cfg, text, None, inference=True, state=model.state_dict())
+    assert small_aligner.g_t2v.num_queries == 3 * vis_n(model)
+    small = MnerModel(text, small_aligner, copy.deepcopy(model.decoder), None)
+    small.load_state_dict(model.state_dict(), strict=False)
+    small.eval()
+    with torch.no_grad():
+        assert torch.equal(small._emissions(make_batch(model, images=False))[0], model._emissions(batch)[0])
+
+
+def test_crops_in_the_data_without_crop_slots_warn_once(make, caplog):
+    model = make()
+    batch = crop_batch(model, [[True, False], [False, False], [True, True]])
+    with caplog.at_level("WARNING", logger="mner_bench_bga.model"):
+        model(batch)
+        model(batch)
+    assert sum("aligner.crops=0" in r.getMessage() for r in caplog.records) == 1
+    with pytest.raises(ConfigError, match="aligner.crops"):
+        make(crops=-1)
+
+
 # --------------------------------------------------------------------------- through the runner
 
 
