@@ -202,11 +202,19 @@ class BgaDecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, source: torch.Tensor, source_mask: torch.Tensor) -> torch.Tensor:
         """``x [B or 1, n, d]``: a batch of one (the learnable queries, the same for every
         tweet) is broadcast over the source's batch after the parts that do not depend on it."""
+        return self.attend(*self.query_part(x), source, source_mask)
+
+    def query_part(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What does not depend on the source: self-attention over ``x`` and the attention
+        queries from it (``x [B, n, d]`` -> ``x``, ``q [B, h, n, e]``)."""
         h = self.norm_self(x)
         x = x + self.drop(self.self_attn(h, h, h, need_weights=False)[0])
         # Eq. 2-3: Q from the queries; K and V from the kept source tokens (Eq. 3 as printed
         # takes V from the queries, Q_v W_V; it must be T^l W_V for the shapes to agree)
-        q = self._split(self.w_q(self.norm_q(x)))
+        return x, self._split(self.w_q(self.norm_q(x)))
+
+    def attend(self, x: torch.Tensor, q: torch.Tensor, source: torch.Tensor, source_mask: torch.Tensor) -> torch.Tensor:
+        """The rest of the layer, on the output of :meth:`query_part`."""
         if q.size(0) != source.size(0):
             q, x = q.expand(source.size(0), -1, -1, -1), x.expand(source.size(0), -1, -1)
         s = self.norm_kv(source)
@@ -255,13 +263,38 @@ class BgaGenerator(nn.Module):
             )
         source = self.source_proj(source)
         x = self.queries[:n].to(source.dtype).unsqueeze(0)
+        first, rest = self.layers[0], self.layers[1:]
         if self.training:
             # dropout must draw per tweet; in eval the first layer's query self-attention and
-            # query projection do not depend on the tweet and run once for the whole batch
-            x = x.expand(source.size(0), -1, -1)
-        for layer in self.layers:
+            # query projection do not depend on the tweet and run once for the whole batch,
+            # and without autograd once until the weights change (:meth:`_constant_part`)
+            x, q = first.query_part(x.expand(source.size(0), -1, -1))
+        else:
+            x, q = self._constant_part(x)
+        x = first.attend(x, q, source, source_mask)
+        for layer in rest:
             x = layer(x, source, source_mask)
         return x
+
+    def _constant_part(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first layer's :meth:`~BgaDecoderLayer.query_part` of the queries ``x [1, n, d]``
+        in eval mode. Without autograd it is kept and reused (G_t2v runs at each of the N BGA
+        layers, and again for each batch) while the same weights, dtype, device and autocast
+        settings apply: the key holds each weight's identity and in-place version counter, which
+        an optimizer step or ``load_state_dict`` bumps."""
+        first = self.layers[0]
+        if torch.is_grad_enabled():
+            return first.query_part(x)
+        dev = x.device.type
+        weights = [self.queries, *first.norm_self.parameters(), *first.self_attn.parameters(),
+                   *first.norm_q.parameters(), *first.w_q.parameters()]
+        key = (x.shape, x.dtype, x.device, torch.is_inference_mode_enabled(), torch.is_autocast_enabled(dev),
+               torch.get_autocast_dtype(dev), tuple((id(w), w._version) for w in weights))
+        cached = self.__dict__.get("_constant_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, first.query_part(x))
+            self.__dict__["_constant_cache"] = cached  # not a buffer: never saved or moved
+        return cached[1]
 
 
 # --------------------------------------------------------------------------- losses (Eq. 5-7)

@@ -213,6 +213,34 @@ def test_generator_in_eval_runs_the_queries_once_per_batch_with_the_same_result(
     assert gen.layers[0].ff[0].out_features == 40
 
 
+def test_generator_reuses_its_constant_query_part_only_while_the_weights_are_the_same():
+    """Without autograd in eval mode the first layer's query part is kept between calls (G_t2v
+    runs at every BGA layer and batch); changing a weight in place, as an optimizer step or
+    ``load_state_dict`` does, recomputes it, so outputs always equal a fresh computation."""
+    torch.manual_seed(0)
+    gen = BgaGenerator(16, 24, 10, layers=1, head_dim=8, dropout=0.0, ff=40).eval()
+    source, mask = torch.randn(2, 5, 16), torch.ones(2, 5)
+
+    def fresh(n=10):
+        with torch.enable_grad():  # the uncached path
+            return gen(source, mask, n).detach()
+
+    with torch.no_grad():
+        first = gen(source, mask, 10)
+        assert gen.__dict__["_constant_cache"] is not None
+        calls = []
+        gen.layers[0].self_attn.register_forward_hook(lambda *a: calls.append(1))
+        again = gen(source, mask, 10)
+        assert calls == [] and torch.equal(first, again)  # reused: self-attention did not run
+        gen.queries.add_(0.5)  # in place, like an optimizer step
+        changed = gen(source, mask, 10)
+        assert calls == [1] and not torch.allclose(changed, first) and torch.allclose(changed, fresh(), atol=1e-6)
+        gen.load_state_dict({k: v + 0.1 if k.endswith("w_q.weight") else v for k, v in gen.state_dict().items()})
+        assert torch.allclose(gen(source, mask, 10), fresh(), atol=1e-6)
+        assert torch.allclose(gen(source, mask, 4), fresh(4), atol=1e-6)  # fewer queries: another key
+    assert "_constant_cache" not in gen.state_dict()
+
+
 def test_kl_is_zero_for_equal_features_and_matches_a_hand_computation():
     real = torch.tensor([[[0.0, 0.0], [1.0, 0.0]]])
     gen = torch.tensor([[[0.0, math_log(3.0)], [5.0, 5.0]]])
