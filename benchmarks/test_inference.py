@@ -69,3 +69,17 @@ def test_inference(benchmark, method, batch_size, device, inference_models, t15)
 
     out = heavy(benchmark, predict, rounds=ROUNDS_FOR.get(batch_size, ROUNDS))
     assert [len(p) for p in out] == [len(t.tokens) for t in split.tweets]
+    benchmark.extra_info.update(count_flops(predict))
+
+
+def count_flops(fn) -> dict:
+    """Floating-point work of one untimed call (``torch.utils.flop_counter``: matrix products and
+    attention), in GFLOP, overall and per part of the model (``Class.attribute``, one level
+    deep), so that a time ratio can be set beside the ratio of the work."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    counts = counter.get_flop_counts()
+    parts = {name: sum(ops.values()) / 1e9 for name, ops in counts.items() if name.count(".") == 1}
+    return {"gflop": counter.get_total_flops() / 1e9, "gflop_parts": dict(sorted(parts.items()))}
