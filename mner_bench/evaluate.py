@@ -39,8 +39,15 @@ def evaluate_run(target: str | Path, overrides: list[str] = (), split: str = "te
     from .config import resolve_config
     from .predict import run_folder
     from .registry import get_registry
-    from .training import (Batcher, RunContext, autocast_dtype, build_model, encode_split, evaluate,
-                           pick_device)
+    from .training import (
+        Batcher,
+        RunContext,
+        autocast_dtype,
+        build_model,
+        encode_split,
+        evaluate,
+        pick_device,
+    )
 
     registry = registry or get_registry()
     folder = run_folder(target, tracking_uri)

@@ -452,11 +452,11 @@ def test_batcher_carries_crops_into_the_batch(tmp_path):
 def test_a_run_reads_object_crops_and_counts_them(tmp_path, method, extra):
     """``mner-bench run umt|bga --crop-dir`` end to end: crops by name for some tweets, counted in
     the run's metrics; the run finishes with finite scores."""
-    from .conftest import tiny_overrides
-
     from mner_bench.cli import main
     from mner_bench.registry import get_registry
     from mner_bench.synth import SynthConfig, generate
+
+    from .conftest import tiny_overrides
 
     cfg = SynthConfig(train_size=8, dev_size=4, test_size=4)
     crops = tmp_path / "crops"

@@ -331,7 +331,7 @@ def test_evaluation_loads_no_images_unless_inference_visual_is_real(make):
             size = model.visual_encoder.image_size
             return torch.zeros(len(tweets), 3, size, size), torch.ones(len(tweets), dtype=torch.bool)
 
-    tweets = [Tweet(str(i), w, t) for i, (w, t) in enumerate(zip(WORDS, TAGSEQ))]
+    tweets = [Tweet(str(i), w, t) for i, (w, t) in enumerate(zip(WORDS, TAGSEQ, strict=True))]
     for setting, expect_calls in (("generated", 0), ("real", 2)):
         model = make(inference_visual=setting)
         split = EncodedSplit(tweets, [model.text_encoder.encode_words(t.tokens, 128) for t in tweets])
