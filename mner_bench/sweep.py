@@ -267,7 +267,9 @@ def plot_curves(rows: list[dict], panels: list[tuple[str, str]], path: Path, dat
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
+    shots = sorted({float(r["shots"]) for r in rows if r["shots"] != "full"})
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, (metric, title) in zip(axes[0], panels, strict=True):
         for method in sorted({r["method"] for r in rows}):
@@ -278,6 +280,9 @@ def plot_curves(rows: list[dict], panels: list[tuple[str, str]], path: Path, dat
             ax.plot(xs, [100 * x["mean"] for x in s], marker="o", label=method)
             ax.fill_between(xs, [100 * x["min"] for x in s], [100 * x["max"] for x in s], alpha=0.2)
         ax.set_xscale("log")
+        ax.set_xticks(shots)  # the swept sizes, as plain numbers (not 5x10^1)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("training tweets (shots)")
         ax.set_ylabel("test F1 (%)")
         ax.set_title(f"{dataset}: {title}")
