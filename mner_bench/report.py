@@ -16,7 +16,7 @@ from .errors import MnerBenchError
 from .paper import PARAMS_M, TABLE2
 
 TYPES = ("PER", "LOC", "ORG", "MISC")
-COLUMNS = ["method", "dataset", "shots", "seeds", *TYPES, "P", "R", "F1", "params", "latency_ms_b1"]
+COLUMNS = ["method", "dataset", "shots", "seeds", *TYPES, "P", "R", "F1", "params", "params_inf", "latency_ms_b1"]
 
 
 @dataclass
@@ -93,6 +93,7 @@ def table_rows(rows: list[RunRow]) -> list[dict[str, str]]:
             return _ms(vals) if vals else "-"
 
         params = [r.metrics["params_total"] for r in rs if "params_total" in r.metrics]
+        params_inf = [r.metrics["params_inference"] for r in rs if "params_inference" in r.metrics]
         lat = [r.metrics["latency_ms_b1"] for r in rs if "latency_ms_b1" in r.metrics]
         out.append({
             "method": method, "dataset": dataset, "shots": shots,
@@ -100,6 +101,7 @@ def table_rows(rows: list[RunRow]) -> list[dict[str, str]]:
             **{t: col(f"test_f1_{t}") for t in TYPES},
             "P": col("test_precision"), "R": col("test_recall"), "F1": col("test_f1"),
             "params": f"{statistics.fmean(params) / 1e6:.1f}M" if params else "-",
+            "params_inf": f"{statistics.fmean(params_inf) / 1e6:.1f}M" if params_inf else "-",
             "latency_ms_b1": f"{statistics.fmean(lat):.1f}" if lat else "-",
         })
     return out
@@ -115,7 +117,8 @@ def paper_rows(datasets: set[str]) -> list[dict[str, str]]:
             out.append({
                 "method": f"{method} (published)", "dataset": ds, "shots": "full", "seeds": "-",
                 **{k: f"{v:.2f}" for k, v in vals.items()},
-                "params": f"{PARAMS_M[method]}M" if method in PARAMS_M else "-", "latency_ms_b1": "-",
+                "params": f"{PARAMS_M[method]}M" if method in PARAMS_M else "-", "params_inf": "-",
+                "latency_ms_b1": "-",
             })
     return out
 

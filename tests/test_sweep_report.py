@@ -53,10 +53,12 @@ def test_sweep_runs_children_resumes_and_reports(tmp_path, fake_t15, capsys):
 def test_report_groups_seeds_with_mean_and_std():
     from mner_bench.report import RunRow
 
-    rows = [RunRow("a", "bga", "twitter2015", "50", "1", {"test_f1": 0.5, "test_precision": 0.4, "test_recall": 0.6}),
-            RunRow("b", "bga", "twitter2015", "50", "2", {"test_f1": 0.7, "test_precision": 0.6, "test_recall": 0.8})]
+    sizes = {"params_total": 130.4e6, "params_inference": 33.6e6}
+    rows = [RunRow("a", "bga", "twitter2015", "50", "1", {"test_f1": 0.5, "test_precision": 0.4, "test_recall": 0.6, **sizes}),
+            RunRow("b", "bga", "twitter2015", "50", "2", {"test_f1": 0.7, "test_precision": 0.6, "test_recall": 0.8, **sizes})]
     (row,) = table_rows(rows)
     assert row["F1"] == "60.00 ± 10.00" and row["seeds"] == "1,2" and row["PER"] == "-"
+    assert (row["params"], row["params_inf"], row["latency_ms_b1"]) == ("130.4M", "33.6M", "-")
     assert "| bga | twitter2015 | 50 | 1,2 |" in render([row])
 
 
