@@ -17,20 +17,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["TRANSFORMERS_OFFLINE"] = "1"
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import pytest
+import torch
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-if "MNER_BENCH_DATA" not in os.environ and SHARED_DATA.is_dir():
-    os.environ["MNER_BENCH_DATA"] = str(SHARED_DATA)
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from .common import ROUNDS  # noqa: E402
-from .targets import evaluate_all, format_table  # noqa: E402
+from .common import ROUNDS
+from .targets import evaluate_all, format_table
 
 THREADS = int(os.environ.get("MNER_BENCH_NUM_THREADS", "1"))
 if THREADS > 0:

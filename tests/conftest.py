@@ -1,4 +1,5 @@
-"""Shared test set-up: offline, real data from ../shared/data when present, tiny models."""
+"""Shared test set-up: tiny models and small fixtures (offline mode and the data folder are set
+by the repository's root conftest.py)."""
 
 from __future__ import annotations
 
@@ -6,15 +7,6 @@ import os
 from pathlib import Path
 
 import pytest
-
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["TRANSFORMERS_OFFLINE"] = "1"
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-if "MNER_BENCH_DATA" not in os.environ and SHARED_DATA.is_dir():
-    os.environ["MNER_BENCH_DATA"] = str(SHARED_DATA)
 
 #: overrides that shrink the text encoder to hidden 32, 2 layers (random weights, real tokenizer)
 TINY_TEXT = [

@@ -7,32 +7,26 @@ network.
 
 from __future__ import annotations
 
-import os
-
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["TRANSFORMERS_OFFLINE"] = "1"
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from mner_bench_baselines.umt import (  # noqa: E402
+import pytest
+import torch
+from mner_bench_baselines.umt import (
     UmtAligner,
     UmtAlignerConfig,
     UmtCrossAttention,
     UmtSpanDetector,
 )
-from torch import nn  # noqa: E402
+from torch import nn
 
-from mner_bench.config import resolve_config  # noqa: E402
-from mner_bench.data import parse_conll  # noqa: E402
-from mner_bench.decoders import CrfDecoder  # noqa: E402
-from mner_bench.encoders import HfTextEncoder, HfTextEncoderConfig  # noqa: E402
-from mner_bench.errors import ConfigError  # noqa: E402
-from mner_bench.images import FixedImageProvider  # noqa: E402
-from mner_bench.labels import TAGS, encode_tags  # noqa: E402
-from mner_bench.model import Batch, MnerModel, VisualEncoder, collate_text, gather_words  # noqa: E402
-from mner_bench.registry import get_registry  # noqa: E402
-from mner_bench.training import build_model  # noqa: E402
+from mner_bench.config import resolve_config
+from mner_bench.data import parse_conll
+from mner_bench.decoders import CrfDecoder
+from mner_bench.encoders import HfTextEncoder, HfTextEncoderConfig
+from mner_bench.errors import ConfigError
+from mner_bench.images import FixedImageProvider
+from mner_bench.labels import TAGS, encode_tags
+from mner_bench.model import Batch, MnerModel, VisualEncoder, collate_text, gather_words
+from mner_bench.registry import get_registry
+from mner_bench.training import build_model
 
 CONLL = """IMGID:1
 RT\tO

@@ -10,16 +10,11 @@ the CPU and never touches the network.
 from __future__ import annotations
 
 import copy
-import os
 
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["TRANSFORMERS_OFFLINE"] = "1"
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from mner_bench_bga.model import (  # noqa: E402
+import pytest
+import torch
+import torch.nn.functional as F
+from mner_bench_bga.model import (
     BgaAligner,
     BgaAlignerConfig,
     BgaContextSampler,
@@ -30,12 +25,12 @@ from mner_bench_bga.model import (  # noqa: E402
     run_layer,
 )
 
-from mner_bench.builtin import TextOnlyAligner  # noqa: E402
-from mner_bench.decoders import CrfDecoder  # noqa: E402
-from mner_bench.encoders import HfTextEncoder, HfTextEncoderConfig  # noqa: E402
-from mner_bench.errors import ConfigError  # noqa: E402
-from mner_bench.labels import TAGS, encode_tags  # noqa: E402
-from mner_bench.model import Batch, MnerModel  # noqa: E402
+from mner_bench.builtin import TextOnlyAligner
+from mner_bench.decoders import CrfDecoder
+from mner_bench.encoders import HfTextEncoder, HfTextEncoderConfig
+from mner_bench.errors import ConfigError
+from mner_bench.labels import TAGS, encode_tags
+from mner_bench.model import Batch, MnerModel
 
 TINY_TEXT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
 WORDS = [["RT", "George", "Zimmerman", "in", "Florida"], ["Apple", "launches", "iPhone"], ["Obama", "visits", "New", "York"]]
