@@ -31,46 +31,59 @@ class EvalResult:
     image_metrics: dict[str, float]
 
 
-def evaluate_run(target: str | Path, overrides: list[str] = (), split: str = "test", registry=None,
-                 tracking_uri: str | None = None, device: str = "auto", image_dir: str | None = None) -> EvalResult:
-    """Score ``split`` with the run's best checkpoint under the saved config plus ``overrides``."""
+def run_config(folder: Path, registry, overrides: list[str] = (), cli: dict | None = None):
+    """A finished run's saved config, resolved again with ``overrides`` and command-line ``cli``
+    options (struct mode: an unknown key fails, naming it)."""
     from omegaconf import OmegaConf
 
     from .config import resolve_config
-    from .predict import run_folder
-    from .registry import get_registry
-    from .training import (
-        Batcher,
-        RunContext,
-        autocast_dtype,
-        build_model,
-        encode_split,
-        evaluate,
-        pick_device,
-    )
 
-    registry = registry or get_registry()
-    folder = run_folder(target, tracking_uri)
     saved = folder / "config.yaml"
     method = OmegaConf.load(saved).get("method")
     if not method:
         raise ConfigError(f"{saved}: no 'method' key; is it the config of a 'mner-bench run'?")
-    cfg = resolve_config(registry, method, saved, list(overrides), {"data.image_dir": image_dir} if image_dir else None)
+    return resolve_config(registry, method, saved, list(overrides), cli)
+
+
+def load_best_model(folder: Path, cfg, registry):
+    """The model of ``cfg`` with the run's ``checkpoints/best.pt`` weights, in eval mode, on the CPU."""
+    from .training import build_model
+
     model = build_model(cfg, registry)
-    state = torch.load(folder / "checkpoints" / "best.pt", map_location="cpu", weights_only=False)["model"]
+    state = torch.load(folder / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)["model"]
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
         first = str(exc).splitlines()[0]
-        raise MnerBenchError(f"{folder}/checkpoints/best.pt does not fit the model of the overridden config "
-                             f"(an override changed the model's shape?): {first}") from None
-    dev = pick_device(device)
-    model.to(dev).eval()
+        raise MnerBenchError(f"{folder}/checkpoints/best.pt does not fit the model of its config "
+                             f"(did an override change the model's shape?): {first}") from None
+    return model.eval()
+
+
+def split_tweets(cfg, registry, split: str):
+    """``(data set name, tweets)`` of a run's ``split``: the test split of a cross-domain run
+    comes from its ``data.eval_dataset``."""
     name = cfg.data.eval_dataset if split == "test" and cfg.data.eval_dataset else cfg.data.dataset
     spec = registry.spec("dataset", name)
     if split not in spec.splits:
         raise ConfigError(f"--split: data set '{name}' has no split '{split}'; splits: {', '.join(spec.splits)}")
-    tweets = spec.loader(split, cfg.data)
+    return name, spec.loader(split, cfg.data)
+
+
+def evaluate_run(target: str | Path, overrides: list[str] = (), split: str = "test", registry=None,
+                 tracking_uri: str | None = None, device: str = "auto", image_dir: str | None = None) -> EvalResult:
+    """Score ``split`` with the run's best checkpoint under the saved config plus ``overrides``."""
+    from .predict import run_folder
+    from .registry import get_registry
+    from .training import Batcher, RunContext, autocast_dtype, encode_split, evaluate, pick_device
+
+    registry = registry or get_registry()
+    folder = run_folder(target, tracking_uri)
+    cfg = run_config(folder, registry, overrides, {"data.image_dir": image_dir} if image_dir else None)
+    model = load_best_model(folder, cfg, registry)
+    dev = pick_device(device)
+    model.to(dev)
+    name, tweets = split_tweets(cfg, registry, split)
     ctx = RunContext(cfg, folder, folder.name, registry)
     provider = None
     if getattr(model.aligner, "uses_images", False):

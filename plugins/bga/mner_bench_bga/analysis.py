@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,47 +68,15 @@ class AlignmentResult:
     mlflow_run_id: str | None = None
 
 
-def _find_run_dir(run: str, tracking_uri: str | None) -> Path:
-    """A run folder, or the folder of an MLflow run id (its ``output_dir`` tag)."""
-    path = Path(run).expanduser()
-    if path.is_dir():
-        return path.resolve()
-    if tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or Path("mlflow.db").exists():
-        from mlflow.exceptions import MlflowException
-        from mlflow.tracking import MlflowClient
-
-        try:
-            mrun = MlflowClient(tracking_uri=tracking_uri).get_run(run)
-        except MlflowException:
-            mrun = None
-        if mrun is not None and "output_dir" in mrun.data.tags:
-            return Path(mrun.data.tags["output_dir"])
-    raise MnerBenchError(f"'{run}' is neither a run folder nor an MLflow run id of the store; give the "
-                         f"output folder that 'mner-bench run' printed (runs/<method>-<dataset>-<shots>-<seed>)")
-
-
 def load_run(run_dir: Path, registry):
-    """(resolved config, model with the best checkpoint's weights) of a run folder."""
-    from omegaconf import OmegaConf
+    """(resolved config, model with the best checkpoint's weights) of a bga run's folder."""
+    from mner_bench.evaluate import load_best_model, run_config
 
-    from mner_bench.config import resolve_config
-    from mner_bench.training import build_model
-
-    cfg_path, ckpt_path = run_dir / "config.yaml", run_dir / "checkpoints" / "best.pt"
-    if not cfg_path.is_file():
-        raise MnerBenchError(f"{run_dir}: no config.yaml; is it the output folder of 'mner-bench run'?")
-    if not ckpt_path.is_file():
-        raise MnerBenchError(f"{ckpt_path} is missing: the run was made with train.save_checkpoint=false "
-                             f"or did not finish an epoch")
-    method = OmegaConf.load(cfg_path).get("method")
-    cfg = resolve_config(registry, method, cfg_path)
+    cfg = run_config(run_dir, registry)
     if cfg.aligner.type != "bga" or not cfg.aligner.mcg:
-        raise ConfigError(f"{cfg_path}: the alignment analysis needs a run of the bga aligner with "
+        raise ConfigError(f"{run_dir / 'config.yaml'}: the alignment analysis needs a run of the bga aligner with "
                           f"aligner.mcg=true (this run has aligner.type={cfg.aligner.type})")
-    model = build_model(cfg, registry)
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    model.load_state_dict(state["model"])
-    return cfg, model.eval()
+    return cfg, load_best_model(run_dir, cfg, registry)
 
 
 def similarity(generated: list[torch.Tensor], real: list[torch.Tensor], pool: str,
@@ -205,17 +172,16 @@ def analyze_alignment(run: str, registry=None, split: str = "test", pool: str = 
                       max_tweets: int | None = None, tracking_uri: str | None = None,
                       log_mlflow: bool = True, center: bool = True) -> AlignmentResult:
     """Run the analysis on a trained run (folder or MLflow run id); see the module docstring."""
+    from mner_bench.evaluate import split_tweets
     from mner_bench.images import make_image_provider
+    from mner_bench.predict import run_folder
     from mner_bench.registry import get_registry
     from mner_bench.training import Batcher, RunContext, encode_split
 
     registry = registry or get_registry()
-    run_dir = _find_run_dir(run, tracking_uri)
+    run_dir = run_folder(run, tracking_uri)
     cfg, model = load_run(run_dir, registry)
-    spec = registry.spec("dataset", cfg.data.eval_dataset if split == "test" and cfg.data.eval_dataset else cfg.data.dataset)
-    if split not in spec.splits:
-        raise ConfigError(f"--split: data set '{spec.name}' has no split '{split}'; splits: {', '.join(spec.splits)}")
-    tweets = spec.loader(split, cfg.data)
+    _, tweets = split_tweets(cfg, registry, split)
     ctx = RunContext(cfg, run_dir, run_dir.name, registry)
     provider = make_image_provider(cfg, model, ctx)
     from mner_bench.images import FOUND
