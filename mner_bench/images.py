@@ -581,6 +581,14 @@ class CropSource:
         return cls(root, index, max_crops)
 
 
+def crop_source(data) -> CropSource | None:
+    """The crop source of a run's ``data`` config (``crop_dir``, ``crop_index``, ``max_crops``),
+    or None without ``crop_dir``."""
+    if not data.get("crop_dir"):
+        return None
+    return CropSource.from_config(data.crop_dir, data.get("crop_index"), data.get("max_crops", 3))
+
+
 def _strip_image_ext(name: str) -> str:
     stem, ext = os.path.splitext(name)
     return stem if ext.lower() in IMAGE_EXTENSIONS else name
@@ -659,8 +667,8 @@ def make_image_provider(cfg, model, ctx) -> ImageProvider:
     metrics = ctx.extras.setdefault("final_metrics", {})
     size, mean, std = int(enc.image_size), enc.mean, enc.std
     common = {"min_side": data.image_min_side, "withheld": withheld, "metrics": metrics}
-    if data.get("crop_dir"):
-        common["crops"] = CropSource.from_config(data.crop_dir, data.get("crop_index"), data.get("max_crops", 3))
+    common["crops"] = crop_source(data)
+    if common["crops"] is not None:
         ctx.tags["crop_dir"] = str(common["crops"].root)
     elif data.get("crop_index"):
         raise ConfigError("data.crop_index is set without data.crop_dir (--crop-dir): the crops' folder is needed")
@@ -715,10 +723,8 @@ def make_prediction_image_provider(cfg, model) -> ImageProvider:
     size, mean, std = int(enc.image_size), enc.mean, enc.std
     image_dir = data.get("image_dir")
     if image_dir:
-        crops = (CropSource.from_config(data.crop_dir, data.get("crop_index"), data.get("max_crops", 3))
-                 if data.get("crop_dir") else None)
         return ImageProvider(size, mean, std, directory=_image_folder(image_dir, "--image-dir (data.image_dir)"),
-                             min_side=min_side, crops=crops)
+                             min_side=min_side, crops=crop_source(data))
     if os.environ.get("MNER_BENCH_IMAGES"):
         return ImageProvider(size, mean, std, directory=_image_folder(os.environ["MNER_BENCH_IMAGES"], "$MNER_BENCH_IMAGES"),
                              min_side=min_side)
