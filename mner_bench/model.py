@@ -203,6 +203,27 @@ class Decoder(nn.Module):
         raise NotImplementedError
 
 
+def crop_tokens(batch: Batch, encode, slots: int, n_tokens: int, width: int,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Visual tokens of a batch's object crops, for an aligner that appends them to the image's.
+
+    ``encode(crops [M, 3, S, S]) -> [M, n_tokens, width]`` runs on the valid crops only. Returns
+    ``(tokens [B, slots * n_tokens, width], valid [B, slots * n_tokens])``: slot k of tweet b holds
+    the k-th crop's tokens; a slot without a crop (or beyond the batch's crops) is zero and
+    invalid. ``slots`` may be more or fewer than ``Batch.crops`` has (extra ones are left out).
+    """
+    device = batch.text.input_ids.device
+    tokens = torch.zeros(len(batch), slots, n_tokens, width, dtype=dtype, device=device)
+    slot_valid = torch.zeros(len(batch), slots, dtype=torch.bool, device=device)
+    if batch.crops is not None and batch.crop_mask is not None:
+        k = min(slots, batch.crops.size(1))
+        mask = batch.crop_mask[:, :k].to(device=device, dtype=torch.bool)
+        if bool(mask.any()):
+            slot_valid[:, :k] = mask
+            tokens[:, :k][mask] = encode(batch.crops[:, :k][mask]).to(dtype)
+    return tokens.flatten(1, 2), slot_valid.repeat_interleave(n_tokens, dim=1)
+
+
 def gather_words(hidden: torch.Tensor, word_starts: torch.Tensor) -> torch.Tensor:
     """``[B, L, H]`` sub-token states -> ``[B, W, H]`` states of each word's first sub-token."""
     index = word_starts.unsqueeze(-1).expand(-1, -1, hidden.size(-1))

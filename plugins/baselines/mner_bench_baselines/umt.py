@@ -82,7 +82,15 @@ from torchcrf import CRF
 
 from mner_bench.errors import ConfigError
 from mner_bench.labels import TAGS
-from mner_bench.model import Aligner, AlignerOutput, Batch, TextEncoder, VisualEncoder, gather_words
+from mner_bench.model import (
+    Aligner,
+    AlignerOutput,
+    Batch,
+    TextEncoder,
+    VisualEncoder,
+    crop_tokens,
+    gather_words,
+)
 
 #: the untyped tags of the entity span detection branch (``O`` first, like the typed set)
 SPAN_TAGS: tuple[str, ...] = ("O", "B", "I")
@@ -271,10 +279,8 @@ class UmtAligner(Aligner):
             valid = torch.ones(n, dtype=torch.bool, device=device)
         else:
             valid = batch.image_mask.to(device=device, dtype=torch.bool)
-        crop_mask = None
-        if batch.crops is not None and batch.crop_mask is not None and bool(batch.crop_mask.any()):
-            crop_mask = batch.crop_mask.to(device=device, dtype=torch.bool)
-        if self.missing_image == "mask" and not bool(valid.any()) and crop_mask is None:
+        has_crops = batch.crops is not None and batch.crop_mask is not None and bool(batch.crop_mask.any())
+        if self.missing_image == "mask" and not bool(valid.any()) and not has_crops:
             return torch.zeros(n, 1, visual_encoder.hidden_size, device=device), torch.zeros(n, 1, dtype=torch.bool, device=device)
         size = visual_encoder.image_size
         images = batch.images if batch.images is not None else torch.zeros(n, 3, size, size, device=device)
@@ -286,13 +292,10 @@ class UmtAligner(Aligner):
         if self.missing_image == "empty":
             valid = torch.ones_like(valid)
         token_valid = valid[:, None].expand(-1, tokens.size(1))
-        if crop_mask is not None:
-            k = crop_mask.size(1)
-            encoded = visual_encoder(batch.crops[crop_mask])  # [M, N_v, H_v], the valid crops only
-            crop_tokens = tokens.new_zeros(n, k, tokens.size(1), tokens.size(2))
-            crop_tokens[crop_mask] = encoded.to(tokens.dtype)
-            tokens = torch.cat([tokens, crop_tokens.flatten(1, 2)], dim=1)
-            token_valid = torch.cat([token_valid, crop_mask.repeat_interleave(encoded.size(1), dim=1)], dim=1)
+        if has_crops:
+            crops, crops_valid = crop_tokens(batch, visual_encoder, batch.crop_mask.size(1), tokens.size(1),
+                                             tokens.size(2), tokens.dtype)
+            tokens, token_valid = torch.cat([tokens, crops], dim=1), torch.cat([token_valid, crops_valid], dim=1)
         return tokens, token_valid
 
     @staticmethod

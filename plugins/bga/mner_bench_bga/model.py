@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mner_bench.errors import ConfigError
-from mner_bench.model import Aligner, AlignerOutput, Batch, TextEncoder, VisualEncoder
+from mner_bench.model import Aligner, AlignerOutput, Batch, TextEncoder, VisualEncoder, crop_tokens
 
 log = logging.getLogger(__name__)
 
@@ -570,8 +570,10 @@ class BgaAligner(Aligner):
             v = visual_encoder.embed(batch.images).to(t.dtype)  # V^0 [B, N_v, d_v]
             v_valid = torch.ones(v.shape[:2], dtype=torch.bool, device=v.device)
             if self.crop_slots:
-                crop_tokens, crop_valid = self.crop_tokens(batch, visual_encoder, v.size(1), v.dtype)
-                v, v_valid = torch.cat([v, crop_tokens], 1), torch.cat([v_valid, crop_valid], 1)
+                # each crop's ViT input tokens (like the image's), slot by slot; empty slots invalid
+                crops, crops_valid = crop_tokens(batch, visual_encoder.embed, self.crop_slots, v.size(1),
+                                                 visual_encoder.hidden_size, v.dtype)
+                v, v_valid = torch.cat([v, crops], 1), torch.cat([v_valid, crops_valid], 1)
             has_image = (batch.image_mask.bool() if batch.image_mask is not None
                          else torch.ones(B, dtype=torch.bool, device=t.device))
         gen_valid = torch.ones(B, self.g_t2v.num_queries, dtype=torch.bool, device=t.device)
@@ -609,21 +611,6 @@ class BgaAligner(Aligner):
             mt_prev = mt
         out.text = t
         return out
-
-    def crop_tokens(self, batch: Batch, visual_encoder, n_tokens: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(tokens [B, K * N_v, d_v], valid [B, K * N_v])`` of the K = ``aligner.crops`` crop
-        slots: each valid crop through ``visual_encoder.embed`` like an image (only the valid ones
-        are encoded), slots beyond the batch's crops or without a crop zero and invalid."""
-        B, K, device = len(batch), self.crop_slots, batch.text.attention_mask.device
-        tokens = torch.zeros(B, K, n_tokens, visual_encoder.hidden_size, dtype=dtype, device=device)
-        slot_valid = torch.zeros(B, K, dtype=torch.bool, device=device)
-        if batch.crops is not None and batch.crop_mask is not None:
-            k = min(K, batch.crops.size(1))
-            mask = batch.crop_mask[:, :k].to(device=device, dtype=torch.bool)
-            if bool(mask.any()):
-                slot_valid[:, :k] = mask
-                tokens[:, :k][mask] = visual_encoder.embed(batch.crops[:, :k][mask]).to(dtype)
-        return tokens.flatten(1, 2), slot_valid.repeat_interleave(n_tokens, dim=1)
 
     def _losses(self, out: BgaStreams, t, v, t_hat, v_hat, mt, mv, text_valid, v_valid, has_image) -> None:
         """Eq. 5 (reconstruction) and Eq. 6-7 (cycle) of one layer, per tweet ``[B]``; tweets
