@@ -67,6 +67,11 @@ def t15(registry) -> dict:
     return {split: spec.loader(split, cfg) for split in ("train", "dev", "test")}
 
 
+def _image_tweets(t15: dict) -> list:
+    """The t15 tweets that get an image (``IMAGES_TEST`` test and ``IMAGES_TRAIN`` training ones)."""
+    return [*t15["test"][:IMAGES_TEST], *t15["train"][:IMAGES_TRAIN]]
+
+
 @pytest.fixture(scope="session")
 def image_dir(tmp_path_factory, t15) -> Path:
     """Generated JPEGs (``IMAGE_SIDE`` pixels square) for the tweets the benchmarks use (the real
@@ -74,7 +79,7 @@ def image_dir(tmp_path_factory, t15) -> Path:
     from mner_bench.synth import write_images
 
     out = tmp_path_factory.mktemp("images")
-    write_images([*t15["test"][:IMAGES_TEST], *t15["train"][:IMAGES_TRAIN]], out, size=IMAGE_SIDE)
+    write_images(_image_tweets(t15), out, size=IMAGE_SIDE)
     return out
 
 
@@ -83,7 +88,7 @@ def image_cache(tmp_path_factory, image_dir, t15):
     """The suite's disk cache of those images at 224 pixels (CLIP ViT-B/32's size)."""
     from mner_bench.images import ImageCache, ImageDirectory
 
-    ids = [t.imgid for t in [*t15["test"][:IMAGES_TEST], *t15["train"][:IMAGES_TRAIN]]]
+    ids = [t.imgid for t in _image_tweets(t15)]
     return ImageCache.open_or_build(tmp_path_factory.mktemp("image-cache"), ImageDirectory(image_dir), ids, 224, 16)
 
 
