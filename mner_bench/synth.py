@@ -24,7 +24,11 @@ exactly between two images.
   for some pairs), and the templates are the same for all types, so the text cannot tell the type: a text-only
   model can find the name but can only guess its type; only the image tells it.
 * ``synth-consistent``: the same names and templates, but each name always has one type, so
-  text alone suffices.
+  text alone suffices; and each name always has one picture (its type's shape with a colour
+  shade, size, position, background and distractor of its own), so the text also tells which
+  image goes with it, down to the pixel: the set on which BGA-MNER's alignment analysis can
+  rank a tweet's own image first. (In ``synth-ambiguous`` every tweet's image is jittered on
+  its own.)
 
 Generated from ``data.synth.seed`` (independent of the run's ``--seed``, which only draws
 ``--shots``), any size (``data.synth.train_size`` / ``dev_size`` / ``test_size``), no files.
@@ -248,17 +252,38 @@ def render_image(label: str | None, key: str, size: int = 64) -> Image.Image:
     return Image.fromarray(arr, "RGB")
 
 
+def entity_words(tweet: Tweet) -> tuple[str, ...]:
+    """The words of a synth tweet's name (the tokens tagged as an entity)."""
+    return tuple(tok for tok, tag in zip(tweet.tokens, tweet.tags, strict=True) if tag != "O")
+
+
+def image_key(variant: str, seed: int, tweet: Tweet) -> str:
+    """The key that seeds the jitter of ``tweet``'s image (:func:`render_image`).
+
+    ``synth-ambiguous``: the tweet (its IMGID): the image shows the type and nothing else that
+    the text could predict. ``synth-consistent``: the name: each name has one picture (as a
+    person has one face), the same in every tweet that mentions it, so the text tells not only
+    the type but the exact image; the alignment analysis can then ask whether the visual
+    features generated from a tweet single out its own image (identical images count as one).
+    """
+    if variant == "consistent":
+        return f"img|{variant}|{seed}|name|{' '.join(entity_words(tweet))}"
+    return f"img|{variant}|{seed}|{tweet.imgid}"
+
+
 def synth_image_loader(variant: str) -> Callable:
     """``image_loader(cfg) -> (IMGID -> PIL image | None)`` of ``synth-<variant>``."""
 
     def make(cfg=None) -> Callable[[str], Image.Image | None]:
         scfg = _cfg_of(cfg)
-        label = {t.imgid: t.image_label for s in SPLITS for t in generate(variant, s, scfg)}
+        # the key that seeds each image's jitter: per tweet (ambiguous), per name (consistent)
+        keys = {t.imgid: (t.image_label, image_key(variant, scfg.seed, t)) for s in SPLITS for t in generate(variant, s, scfg)}
 
         def load(imgid: str) -> Image.Image | None:
-            if imgid not in label:
+            if imgid not in keys:
                 return None
-            return render_image(label[imgid], f"img|{variant}|{scfg.seed}|{imgid}", scfg.image_size)
+            label, key = keys[imgid]
+            return render_image(label, key, scfg.image_size)
 
         return load
 

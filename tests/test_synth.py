@@ -99,6 +99,27 @@ def test_images_encode_the_type_and_are_deterministic():
     assert np.asarray(render_image(None, "k")).std() < np.asarray(render_image("PER", "k")).std()
 
 
+def test_consistent_images_are_one_picture_per_name():
+    """synth-consistent: a name's tweets share one image (its type's shape, its own jitter);
+    different names have different images, across splits too."""
+    from mner_bench.synth import entity_words
+
+    load = synth_image_loader("consistent")(None)
+    cfg = SynthConfig()
+    tweets = generate("consistent", "train", cfg) + generate("consistent", "test", cfg)
+    pictures: dict[tuple[str, ...], np.ndarray] = {}
+    for t in tweets:
+        arr = np.asarray(load(t.imgid))
+        assert _type_by_colour(arr) == t.image_label
+        name = entity_words(t)
+        if name in pictures:
+            assert np.array_equal(arr, pictures[name]), f"{t.imgid}: another picture of {name}"
+        pictures[name] = arr
+    assert len(pictures) == cfg.num_names  # every name occurs, each with one picture
+    distinct = {arr.tobytes() for arr in pictures.values()}
+    assert len(distinct) == cfg.num_names
+
+
 def test_provider_serves_synth_images_in_memory():
     tweets = generate("consistent", "test", SynthConfig(test_size=6))
     metrics: dict = {}

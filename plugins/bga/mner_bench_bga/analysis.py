@@ -43,6 +43,7 @@ own vs other similarities), and logged to the run's MLflow run (metrics and both
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -98,16 +99,33 @@ def similarity(generated: list[torch.Tensor], real: list[torch.Tensor], pool: st
     return out
 
 
-def summarise(sim: torch.Tensor, labels: list[str | None] | None = None, suffix: str = "") -> dict[str, float]:
-    """The metrics of one ``[n, n]`` similarity matrix (row i: tweet i's generated features)."""
+def image_groups(images: torch.Tensor) -> list[bytes]:
+    """One key per image of ``images [B, ...]``: equal keys for pixel-identical images."""
+    flat = images.detach().to("cpu").contiguous().view(images.size(0), -1)
+    return [hashlib.sha256(row.numpy().tobytes()).digest() for row in flat]
+
+
+def summarise(sim: torch.Tensor, labels: list[str | None] | None = None, suffix: str = "",
+              groups: list | None = None) -> dict[str, float]:
+    """The metrics of one ``[n, n]`` similarity matrix (row i: tweet i's generated features).
+
+    ``groups`` (one hashable per tweet, e.g. :func:`image_groups`): tweets whose images are
+    pixel-identical share a group, and an identical copy of the own image counts as the own
+    image (it cannot be told apart from it): it is neither a competitor nor an "other" image."""
     n = sim.size(0)
     own = sim.diagonal()
-    off = ~torch.eye(n, dtype=torch.bool)
+    if groups is None:
+        same = torch.eye(n, dtype=torch.bool)
+    else:
+        ids = {g: k for k, g in enumerate(dict.fromkeys(groups))}
+        gid = torch.tensor([ids[g] for g in groups])
+        same = gid[:, None] == gid[None, :]
+    off = ~same
     m = {
-        f"align_top1{suffix}": float((sim.argmax(1) == torch.arange(n)).float().mean()),
-        f"align_pairwise{suffix}": float((own[:, None] > sim)[off].float().mean()) if n > 1 else float("nan"),
+        f"align_top1{suffix}": float(same[torch.arange(n), sim.argmax(1)].float().mean()),
+        f"align_pairwise{suffix}": float((own[:, None] > sim)[off].float().mean()) if off.any() else float("nan"),
         f"align_sim_own{suffix}": float(own.mean()),
-        f"align_sim_other{suffix}": float(sim[off].mean()) if n > 1 else float("nan"),
+        f"align_sim_other{suffix}": float(sim[off].mean()) if off.any() else float("nan"),
     }
     if labels is not None and all(lab is not None for lab in labels):
         best = sim.argmax(1).tolist()
@@ -197,7 +215,10 @@ def analyze_alignment(run: str, registry=None, split: str = "test", pool: str = 
     aligner = model.aligner
     gen: list[list[torch.Tensor]] = [[] for _ in range(aligner.num_bga_layers)]
     real: list[list[torch.Tensor]] = [[] for _ in range(aligner.num_bga_layers)]
+    groups: list[bytes] = []
     for batch in batcher.iterate(enc, batch_size):
+        groups += image_groups(batch.images if batch.crops is None else
+                               torch.cat([batch.images.flatten(1), batch.crops.flatten(1)], 1))
         s = aligner.streams(batch, model.text_encoder, model.visual_encoder, mode="generate")
         for layer in range(aligner.num_bga_layers):
             gen[layer].append(s.generated_visual[layer].float())
@@ -205,11 +226,12 @@ def analyze_alignment(run: str, registry=None, split: str = "test", pool: str = 
     per_layer = similarity([torch.cat(g) for g in gen], [torch.cat(r) for r in real], pool, center)
     sim = torch.stack(per_layer).mean(0)
     labels = [t.image_label for t in tweets]
-    metrics = summarise(sim, labels)
-    metrics["align_top1_chance"] = 1.0 / len(tweets)
+    metrics = summarise(sim, labels, groups=groups)
+    metrics["align_top1_chance"] = 1.0 / len(set(groups))
     metrics["align_tweets"] = float(len(tweets))
+    metrics["align_images"] = float(len(set(groups)))
     for layer, s in enumerate(per_layer):
-        metrics.update(summarise(s, labels, f"_l{layer}"))
+        metrics.update(summarise(s, labels, f"_l{layer}", groups))
     files = {"json": run_dir / "alignment.json", "png": run_dir / "alignment.png"}
     files["json"].write_text(json.dumps({"split": split, "pool": pool, "center": center, "tweets": len(tweets), "metrics": metrics},
                                         indent=2, sort_keys=True) + "\n")

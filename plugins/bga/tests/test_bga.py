@@ -84,7 +84,7 @@ def n_params(*modules) -> int:
 @pytest.mark.parametrize("training", [True, False])
 def test_scs_masks_are_binary_keep_the_first_token_and_never_keep_padding(training):
     torch.manual_seed(0)
-    scs = BgaContextSampler(16).train(training)
+    scs = BgaContextSampler(16, init_keep=0.5).train(training)  # no keep bias: both values occur
     x = torch.randn(4, 9, 16) * 3
     valid = torch.ones(4, 9, dtype=torch.bool)
     valid[1, 5:] = False
@@ -94,12 +94,32 @@ def test_scs_masks_are_binary_keep_the_first_token_and_never_keep_padding(traini
     assert set(m.unique().tolist()) <= {0.0, 1.0}
     assert m[~valid].sum() == 0
     assert torch.all(m[:, 0] == 1)
+    assert 0 < m[valid].sum() < valid.sum()
     if not training:  # argmax of p at eval: deterministic and equal to the logits' sign
         logits = scs.logits(x, valid.float())
         want = ((logits[..., 0] >= logits[..., 1]) & valid).float()
         want[:, 0] = 1
         assert torch.equal(m, want)
         assert torch.equal(scs(x, valid.float(), valid), m)
+
+
+@pytest.mark.parametrize("keep", [0.9, 0.3])
+def test_scs_starts_keeping_tokens_with_the_configured_probability(keep):
+    """``scs_init_keep``: at initialisation each token is kept with about that probability in
+    training, and at eval (argmax) a keep bias above 1/2 keeps every token: no layer starts blind."""
+    torch.manual_seed(0)
+    scs = BgaContextSampler(32, init_keep=keep)
+    x = torch.randn(8, 200, 32)
+    valid = torch.ones(8, 200, dtype=torch.bool)
+    p = F.softmax(scs.logits(x, valid.float()), -1)[..., 0]
+    assert p.mean().item() == pytest.approx(keep, abs=0.05)
+    sampled = scs.train()(x, valid.float(), valid)[:, 1:].mean().item()
+    assert sampled == pytest.approx(keep, abs=0.05)
+    kept_at_eval = scs.eval()(x, valid.float(), valid)[:, 1:].mean().item()
+    assert kept_at_eval == (1.0 if keep > 0.5 else pytest.approx(0.0, abs=0.05))
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(ConfigError, match="aligner.scs_init_keep"):
+            BgaContextSampler(8, init_keep=bad)
 
 
 def test_scs_cumulative_masks_only_shrink():
@@ -538,6 +558,22 @@ def test_alignment_summary_on_a_hand_made_similarity_matrix():
     assert m["align_top1_other_labels_chance"] == pytest.approx((1 / 3 + 1 / 3 + 1 / 4 + 1 / 4) / 4)
     assert m["align_pairwise"] == pytest.approx((2 + 1 + 2 + 3) / 12)
     assert "align_top1_other_labels" not in summarise(sim, None)
+    # images 0 and 1 pixel-identical (one group): for tweet 0, image 1 is its own image
+    g = summarise(sim, ["PER", "PER", "LOC", "ORG"], groups=["a", "a", "b", "c"])
+    assert g["align_top1"] == 0.75  # tweets 0, 2 and 3
+    assert g["align_pairwise"] == pytest.approx((2 + 1 + 2 + 3) / 10)  # identical copies are no competitors
+    assert g["align_sim_other"] == pytest.approx(float(sim.sum() - sim.diagonal().sum() - 0.95 - 0.5) / 10)
+
+
+def test_image_groups_are_equal_for_identical_images_only():
+    from mner_bench_bga.analysis import image_groups
+
+    x = torch.rand(3, 3, 8, 8)
+    x[2] = x[0]
+    g = image_groups(x)
+    assert g[0] == g[2] and g[0] != g[1]
+    x[2, 0, 0, 0] += 1e-3
+    assert len(set(image_groups(x))) == 3
 
 
 def vis_n(model: MnerModel) -> int:
@@ -636,7 +672,11 @@ def test_a_tiny_run_logs_generation_losses_per_epoch_and_the_alignment_analysis(
     assert res.tweets == 6 and res.mlflow_run_id == result.tracking_id
     m = client.get_run(result.tracking_id).data.metrics
     assert m["align_top1"] == pytest.approx(res.metrics["align_top1"])
-    assert m["align_top1_chance"] == pytest.approx(1 / 6)
+    # synth-consistent: one picture per name, so tweets that name the same entity share an image
+    from mner_bench.synth import SynthConfig, entity_words, generate
+
+    names = {entity_words(t) for t in generate("consistent", "test", SynthConfig(train_size=8, dev_size=4, test_size=6))}
+    assert m["align_images"] == len(names) and m["align_top1_chance"] == pytest.approx(1 / len(names))
     assert 0 <= m["align_pairwise"] <= 1 and "align_top1_same_label" in m and "align_sim_own_l0" in m
     assert (result.output_dir / "alignment.png").stat().st_size > 0
 
