@@ -18,17 +18,22 @@ common component (position embeddings, biases, the queries themselves) that domi
 cosine and hides what differs from tweet to tweet, which is what the ranking is about.
 Reported:
 
+Pixel-identical images (after preprocessing) are one image: tweets that share a picture (on
+``synth-consistent`` every tweet naming the same entity; retweets on real data) cannot be told
+apart by their images, so an identical copy of the own image counts as the own image, never as
+a competitor (:func:`image_groups`).
+
 * ``align_top1``: fraction of tweets whose own image is the most similar of all images;
-  ``align_top1_chance`` = 1 / number of images;
+  ``align_top1_chance`` = 1 / number of distinct images (``align_images``);
 * ``align_pairwise``: fraction of (tweet, other image) pairs where the own image is the more
   similar (0.5 = chance), a rank measure that does not need a unique best image;
-* ``align_top1_same_label``: where tweets carry an image label (the generated ``synth-*`` sets,
-  whose images only encode the entity type), the fraction whose most similar image has the own
-  image's label; ``align_top1_same_label_chance`` is its value for a best image drawn at random.
-  On those sets this is the figure that can show alignment: an image's jitter (position, size,
-  shade, background) is drawn at random per image, so nothing in the text can single out the
-  own image among the other images of its type, and ``align_top1`` is bounded by about one
-  over the number of test images of the own type;
+* ``align_top1_same_label``: where tweets carry an image label (the generated ``synth-*``
+  sets), the fraction whose most similar image has the own image's label;
+  ``align_top1_same_label_chance`` is its value for a best image drawn at random. On
+  ``synth-ambiguous`` this is the figure that can show alignment: each image's jitter
+  (position, size, shade, background) is drawn at random per tweet, so nothing in the text can
+  single out the own image among the other images of its type. On ``synth-consistent`` each
+  name has one picture, so ``align_top1`` itself is reachable;
 * ``align_top1_other_labels``: with image labels, the fraction of tweets whose own image is more
   similar than every image of another label, i.e. ``align_top1`` with the own label's other
   images (the same picture up to jitter) left out of the competition, as retrieval benchmarks

@@ -332,8 +332,10 @@ def bga_kl(generated: torch.Tensor, real: torch.Tensor, weight: torch.Tensor, so
         return (kl * w).sum(-1)
     if softmax == "token":
         keep = (w > 0).unsqueeze(-1)
-        log_p_gen = F.log_softmax(gen.masked_fill(~keep, float("-inf")), dim=1)
-        log_p_real = F.log_softmax(tgt.masked_fill(~keep, float("-inf")), dim=1)
+        # dropped positions get a large finite logit gap, not -inf: exp() makes their probability
+        # exactly 0, and (unlike -inf - -inf) their terms and gradients stay finite
+        log_p_gen = F.log_softmax(gen.masked_fill(~keep, -1e4), dim=1)
+        log_p_real = F.log_softmax(tgt.masked_fill(~keep, -1e4), dim=1)
         terms = log_p_gen.exp() * (log_p_gen - log_p_real)
         return terms.masked_fill(~keep, 0.0).sum(dim=(1, 2))
     raise ConfigError(f"aligner.kl_softmax must be 'feature' or 'token', got '{softmax}'")

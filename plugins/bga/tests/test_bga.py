@@ -269,6 +269,23 @@ def test_kl_is_zero_for_equal_features_and_matches_a_hand_computation():
     assert bga_kl(gen, real, torch.ones(1, 2), "token") > 0
 
 
+@pytest.mark.parametrize("softmax", ["feature", "token"])
+def test_kl_gradients_stay_finite_where_the_mask_drops_positions(softmax):
+    """A dropped position (weight 0) adds nothing and must not turn the gradient into NaN
+    (with -inf logits, 0 * (-inf - -inf) did, and the first step of a run failed)."""
+    torch.manual_seed(0)
+    gen = torch.randn(2, 5, 4, requires_grad=True)
+    real = torch.randn(2, 5, 4)
+    w = torch.tensor([[1.0, 0.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0, 0.0]])
+    loss = bga_kl(gen, real, w, softmax)
+    loss.sum().backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(gen.grad).all()
+    assert gen.grad[w == 0].abs().sum() == 0 and gen.grad[w == 1].abs().sum() > 0
+    # equal to the KL of the kept positions alone
+    keep = w[0].bool()
+    assert torch.allclose(loss[0], bga_kl(gen[:1, keep], real[:1, keep], torch.ones(1, int(keep.sum())), softmax))
+
+
 def math_log(x: float) -> float:
     import math
 
