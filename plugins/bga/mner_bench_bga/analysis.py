@@ -177,7 +177,8 @@ def _log_to_mlflow(cfg, run_dir: Path, metrics: dict[str, float], files: list[Pa
     uri = tracking_uri or run_uri(cfg)
     client = MlflowClient(tracking_uri=uri)
     exps = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(exps, filter_string=f"tags.output_dir = '{run_dir}'", max_results=5) if exps else []
+    # the run's tag holds the absolute folder; run_dir may be given relative to the working folder
+    runs = client.search_runs(exps, filter_string=f"tags.output_dir = '{run_dir.resolve()}'", max_results=5) if exps else []
     if not runs:
         log.warning("no MLflow run in %s has output_dir %s: results not logged there", uri, run_dir)
         return None

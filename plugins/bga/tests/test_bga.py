@@ -662,7 +662,7 @@ def test_crops_in_the_data_without_crop_slots_warn_once(make, caplog):
 # --------------------------------------------------------------------------- through the runner
 
 
-def test_a_tiny_run_logs_generation_losses_per_epoch_and_the_alignment_analysis(tmp_path):
+def test_a_tiny_run_logs_generation_losses_per_epoch_and_the_alignment_analysis(tmp_path, monkeypatch):
     """``mner-bench run bga`` on a tiny generated data set with images, then
     ``analyze-alignment`` on its output folder: both log to the run's MLflow run."""
     from mlflow.tracking import MlflowClient
@@ -685,7 +685,8 @@ def test_a_tiny_run_logs_generation_losses_per_epoch_and_the_alignment_analysis(
         assert [m.step for m in history] == [1, 2] and all(m.value > 0 for m in history), key
     assert result.metrics["params_inference"] < result.metrics["params_total"]
 
-    res = analyze_alignment(str(result.output_dir), reg)
+    monkeypatch.chdir(tmp_path)  # the run folder as a user types it: relative to the working folder
+    res = analyze_alignment(str(result.output_dir.relative_to(tmp_path)), reg)
     assert res.tweets == 6 and res.mlflow_run_id == result.tracking_id
     m = client.get_run(result.tracking_id).data.metrics
     assert m["align_top1"] == pytest.approx(res.metrics["align_top1"])
