@@ -218,7 +218,7 @@ def cmd_analyze_alignment(args) -> int:
     except ImportError:
         raise MnerBenchError("analyze-alignment needs the bga plugin (package mner_bench_bga)") from None
     res = analyze_alignment(args.run, split=args.split, pool=args.pool, max_tweets=args.max_tweets,
-                            tracking_uri=args.tracking_uri, center=not args.no_center)
+                            tracking_uri=args.tracking_uri, center=not args.no_center, checkpoint=args.checkpoint)
     print(format_result(res))
     return 0
 
@@ -383,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compare the raw features (default: each centred on its mean over the tweets)")
     p.add_argument("--max-tweets", type=int, help="analyse only the first N tweets with an image")
     p.add_argument("--tracking-uri", help="MLflow store of the run (default: the run's own tracking settings)")
+    p.add_argument("--checkpoint", help="checkpoint file to analyse instead of the run's checkpoints/best.pt "
+                                        "(e.g. a copy of its last.pt); metrics are logged at its epoch's step")
     p.set_defaults(func=cmd_analyze_alignment)
     p = sub.add_parser("evaluate", help="score a finished run's model again on a split, with config overrides")
     p.add_argument("run", help="the run's output folder or MLflow run id")

@@ -45,17 +45,24 @@ def run_config(folder: Path, registry, overrides: list[str] = (), cli: dict | No
     return resolve_config(registry, method, saved, list(overrides), cli)
 
 
-def load_best_model(folder: Path, cfg, registry):
-    """The model of ``cfg`` with the run's ``checkpoints/best.pt`` weights, in eval mode, on the CPU."""
+def load_best_model(folder: Path, cfg, registry, checkpoint: Path | None = None):
+    """The model of ``cfg`` with the run's ``checkpoints/best.pt`` weights (or those of
+    ``checkpoint``, a file with the same ``model`` entry such as a kept ``last.pt``), in eval
+    mode, on the CPU."""
     from .training import build_model
 
+    path = Path(checkpoint) if checkpoint is not None else folder / "checkpoints" / "best.pt"
+    if not path.is_file():
+        raise MnerBenchError(f"{path}: no such checkpoint file")
     model = build_model(cfg, registry)
-    state = torch.load(folder / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)["model"]
+    state = torch.load(path, map_location="cpu", weights_only=checkpoint is None)  # last.pt holds RNG states
+    if not isinstance(state, dict) or "model" not in state:
+        raise MnerBenchError(f"{path}: not a mner-bench checkpoint (no 'model' entry)")
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(state["model"])
     except RuntimeError as exc:
         first = str(exc).splitlines()[0]
-        raise MnerBenchError(f"{folder}/checkpoints/best.pt does not fit the model of its config "
+        raise MnerBenchError(f"{path} does not fit the model of its config "
                              f"(did an override change the model's shape?): {first}") from None
     return model.eval()
 

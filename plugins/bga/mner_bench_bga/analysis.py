@@ -72,17 +72,20 @@ class AlignmentResult:
     output_dir: Path
     files: dict[str, Path] = field(default_factory=dict)
     mlflow_run_id: str | None = None
+    checkpoint: str = "best"
+    epoch: int | None = None
 
 
-def load_run(run_dir: Path, registry):
-    """(resolved config, model with the best checkpoint's weights) of a bga run's folder."""
+def load_run(run_dir: Path, registry, checkpoint: Path | None = None):
+    """(resolved config, model with the best checkpoint's weights, or ``checkpoint``'s) of a
+    bga run's folder."""
     from mner_bench.evaluate import load_best_model, run_config
 
     cfg = run_config(run_dir, registry)
     if cfg.aligner.type != "bga" or not cfg.aligner.mcg:
         raise ConfigError(f"{run_dir / 'config.yaml'}: the alignment analysis needs a run of the bga aligner with "
                           f"aligner.mcg=true (this run has aligner.type={cfg.aligner.type})")
-    return cfg, load_best_model(run_dir, cfg, registry)
+    return cfg, load_best_model(run_dir, cfg, registry, checkpoint)
 
 
 def similarity(generated: list[torch.Tensor], real: list[torch.Tensor], pool: str,
@@ -165,7 +168,8 @@ def _plot(sim: torch.Tensor, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def _log_to_mlflow(cfg, run_dir: Path, metrics: dict[str, float], files: list[Path], tracking_uri: str | None) -> str | None:
+def _log_to_mlflow(cfg, run_dir: Path, metrics: dict[str, float], files: list[Path], tracking_uri: str | None,
+                   step: int = 0) -> str | None:
     """Log to the MLflow run whose ``output_dir`` tag is ``run_dir``; None when there is none."""
     import time
 
@@ -184,7 +188,7 @@ def _log_to_mlflow(cfg, run_dir: Path, metrics: dict[str, float], files: list[Pa
         return None
     run_id = runs[0].info.run_id
     ts = int(time.time() * 1000)
-    ms = [Metric(k, float(v), ts, 0) for k, v in metrics.items() if v == v]  # NaN-free
+    ms = [Metric(k, float(v), ts, step) for k, v in metrics.items() if v == v]  # NaN-free
     client.log_batch(run_id, metrics=ms)
     for f in files:
         client.log_artifact(run_id, str(f))
@@ -194,8 +198,13 @@ def _log_to_mlflow(cfg, run_dir: Path, metrics: dict[str, float], files: list[Pa
 @torch.no_grad()
 def analyze_alignment(run: str, registry=None, split: str = "test", pool: str = "tokens", batch_size: int = 32,
                       max_tweets: int | None = None, tracking_uri: str | None = None,
-                      log_mlflow: bool = True, center: bool = True) -> AlignmentResult:
-    """Run the analysis on a trained run (folder or MLflow run id); see the module docstring."""
+                      log_mlflow: bool = True, center: bool = True,
+                      checkpoint: str | Path | None = None) -> AlignmentResult:
+    """Run the analysis on a trained run (folder or MLflow run id); see the module docstring.
+
+    ``checkpoint``: a checkpoint file of the run to analyse instead of the best dev epoch's
+    ``checkpoints/best.pt`` (e.g. a copy of ``last.pt``); the metrics are logged at the step of
+    the checkpoint's epoch."""
     from mner_bench.evaluate import split_tweets
     from mner_bench.images import make_image_provider
     from mner_bench.predict import run_folder
@@ -204,7 +213,11 @@ def analyze_alignment(run: str, registry=None, split: str = "test", pool: str = 
 
     registry = registry or get_registry()
     run_dir = run_folder(run, tracking_uri)
-    cfg, model = load_run(run_dir, registry)
+    cfg, model = load_run(run_dir, registry, Path(checkpoint) if checkpoint is not None else None)
+    ckpt_path = Path(checkpoint) if checkpoint is not None else run_dir / "checkpoints" / "best.pt"
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    epoch = ckpt.get("epoch", ckpt.get("state", {}).get("epoch"))
+    del ckpt
     _, tweets = split_tweets(cfg, registry, split)
     ctx = RunContext(cfg, run_dir, run_dir.name, registry)
     provider = make_image_provider(cfg, model, ctx)
@@ -239,18 +252,21 @@ def analyze_alignment(run: str, registry=None, split: str = "test", pool: str = 
     for layer, s in enumerate(per_layer):
         metrics.update(summarise(s, labels, f"_l{layer}", groups))
     files = {"json": run_dir / "alignment.json", "png": run_dir / "alignment.png"}
-    files["json"].write_text(json.dumps({"split": split, "pool": pool, "center": center, "tweets": len(tweets), "metrics": metrics},
+    files["json"].write_text(json.dumps({"split": split, "pool": pool, "center": center, "tweets": len(tweets),
+                                         "checkpoint": str(ckpt_path), "epoch": epoch, "metrics": metrics},
                                         indent=2, sort_keys=True) + "\n")
     _plot(sim, files["png"], f"{run_dir.name}: {split}, {len(tweets)} tweets, pool={pool}{', centred' if center else ''}")
-    run_id = _log_to_mlflow(cfg, run_dir, metrics, list(files.values()), tracking_uri) if log_mlflow else None
-    return AlignmentResult(metrics, len(tweets), split, pool, center, run_dir, files, run_id)
+    run_id = (_log_to_mlflow(cfg, run_dir, metrics, list(files.values()), tracking_uri, step=epoch or 0)
+              if log_mlflow else None)
+    return AlignmentResult(metrics, len(tweets), split, pool, center, run_dir, files, run_id, str(ckpt_path), epoch)
 
 
 def format_result(res: AlignmentResult) -> str:
     m = res.metrics
     lines = [
         f"alignment of generated vs real visual features: {res.output_dir.name}, {res.split} split, "
-        f"{res.tweets} tweets with an image, pool={res.pool}{', centred' if res.center else ', not centred'}",
+        f"{res.tweets} tweets with an image, pool={res.pool}{', centred' if res.center else ', not centred'}; "
+        f"weights {res.checkpoint} (epoch {res.epoch})",
         f"  own image ranked first: {m['align_top1']:.3f} (chance {m['align_top1_chance']:.3f})",
         f"  own image more similar than another image (pairs): {m['align_pairwise']:.3f} (chance 0.5)",
     ]

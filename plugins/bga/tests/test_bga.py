@@ -697,6 +697,18 @@ def test_a_tiny_run_logs_generation_losses_per_epoch_and_the_alignment_analysis(
     assert m["align_images"] == len(names) and m["align_top1_chance"] == pytest.approx(1 / len(names))
     assert 0 <= m["align_pairwise"] <= 1 and "align_top1_same_label" in m and "align_sim_own_l0" in m
     assert (result.output_dir / "alignment.png").stat().st_size > 0
+    # another checkpoint file of the run (here a copy of best.pt, marked as epoch 7): the same
+    # weights give the same figures, logged at that epoch's step; a missing file is an error
+    from mner_bench.errors import MnerBenchError
+
+    ckpt = torch.load(result.output_dir / "checkpoints" / "best.pt", weights_only=True)
+    torch.save({**ckpt, "epoch": 7}, tmp_path / "other.pt")
+    again = analyze_alignment(str(result.output_dir), reg, checkpoint=tmp_path / "other.pt")
+    assert again.epoch == 7 and again.metrics == res.metrics
+    steps = {m.step for m in client.get_metric_history(result.tracking_id, "align_top1")}
+    assert steps == {res.epoch, 7}
+    with pytest.raises(MnerBenchError, match="no such checkpoint"):
+        analyze_alignment(str(result.output_dir), reg, checkpoint=tmp_path / "missing.pt")
 
     # Table 4: the same checkpoint scored with real visual features (mner-bench evaluate)
     from mner_bench.evaluate import evaluate_run
