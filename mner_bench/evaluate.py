@@ -45,26 +45,37 @@ def run_config(folder: Path, registry, overrides: list[str] = (), cli: dict | No
     return resolve_config(registry, method, saved, list(overrides), cli)
 
 
-def load_best_model(folder: Path, cfg, registry, checkpoint: Path | None = None):
-    """The model of ``cfg`` with the run's ``checkpoints/best.pt`` weights (or those of
-    ``checkpoint``, a file with the same ``model`` entry such as a kept ``last.pt``), in eval
-    mode, on the CPU."""
-    from .training import build_model
-
+def read_checkpoint(folder: Path, checkpoint: Path | None = None) -> tuple[Path, dict]:
+    """``(path, contents)`` of the run's ``checkpoints/best.pt``, or of ``checkpoint``: another
+    file with the same ``model`` entry, such as a copy of ``last.pt`` (which also holds RNG
+    states, so it is read with ``weights_only=False``: pass only files you trust)."""
     path = Path(checkpoint) if checkpoint is not None else folder / "checkpoints" / "best.pt"
     if not path.is_file():
         raise MnerBenchError(f"{path}: no such checkpoint file")
-    model = build_model(cfg, registry)
-    state = torch.load(path, map_location="cpu", weights_only=checkpoint is None)  # last.pt holds RNG states
-    if not isinstance(state, dict) or "model" not in state:
+    contents = torch.load(path, map_location="cpu", weights_only=checkpoint is None)
+    if not isinstance(contents, dict) or "model" not in contents:
         raise MnerBenchError(f"{path}: not a mner-bench checkpoint (no 'model' entry)")
+    return path, contents
+
+
+def model_from_checkpoint(cfg, registry, path: Path, contents: dict):
+    """The model of ``cfg`` with the weights of a checkpoint read by :func:`read_checkpoint`,
+    in eval mode, on the CPU."""
+    from .training import build_model
+
+    model = build_model(cfg, registry)
     try:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(contents["model"])
     except RuntimeError as exc:
         first = str(exc).splitlines()[0]
         raise MnerBenchError(f"{path} does not fit the model of its config "
                              f"(did an override change the model's shape?): {first}") from None
     return model.eval()
+
+
+def load_best_model(folder: Path, cfg, registry):
+    """The model of ``cfg`` with the run's ``checkpoints/best.pt`` weights, in eval mode, on the CPU."""
+    return model_from_checkpoint(cfg, registry, *read_checkpoint(folder))
 
 
 def split_tweets(cfg, registry, split: str):

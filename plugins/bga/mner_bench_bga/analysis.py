@@ -77,15 +77,17 @@ class AlignmentResult:
 
 
 def load_run(run_dir: Path, registry, checkpoint: Path | None = None):
-    """(resolved config, model with the best checkpoint's weights, or ``checkpoint``'s) of a
-    bga run's folder."""
-    from mner_bench.evaluate import load_best_model, run_config
+    """(resolved config, model with the best checkpoint's weights or ``checkpoint``'s, the
+    checkpoint's path, its epoch) of a bga run's folder; the checkpoint file is read once."""
+    from mner_bench.evaluate import model_from_checkpoint, read_checkpoint, run_config
 
     cfg = run_config(run_dir, registry)
     if cfg.aligner.type != "bga" or not cfg.aligner.mcg:
         raise ConfigError(f"{run_dir / 'config.yaml'}: the alignment analysis needs a run of the bga aligner with "
                           f"aligner.mcg=true (this run has aligner.type={cfg.aligner.type})")
-    return cfg, load_best_model(run_dir, cfg, registry, checkpoint)
+    path, contents = read_checkpoint(run_dir, checkpoint)
+    epoch = contents.get("epoch", contents.get("state", {}).get("epoch"))  # best.pt / last.pt
+    return cfg, model_from_checkpoint(cfg, registry, path, contents), path, epoch
 
 
 def similarity(generated: list[torch.Tensor], real: list[torch.Tensor], pool: str,
@@ -213,11 +215,7 @@ def analyze_alignment(run: str, registry=None, split: str = "test", pool: str = 
 
     registry = registry or get_registry()
     run_dir = run_folder(run, tracking_uri)
-    cfg, model = load_run(run_dir, registry, Path(checkpoint) if checkpoint is not None else None)
-    ckpt_path = Path(checkpoint) if checkpoint is not None else run_dir / "checkpoints" / "best.pt"
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    epoch = ckpt.get("epoch", ckpt.get("state", {}).get("epoch"))
-    del ckpt
+    cfg, model, ckpt_path, epoch = load_run(run_dir, registry, Path(checkpoint) if checkpoint is not None else None)
     _, tweets = split_tweets(cfg, registry, split)
     ctx = RunContext(cfg, run_dir, run_dir.name, registry)
     provider = make_image_provider(cfg, model, ctx)
@@ -246,9 +244,10 @@ def analyze_alignment(run: str, registry=None, split: str = "test", pool: str = 
     sim = torch.stack(per_layer).mean(0)
     labels = [t.image_label for t in tweets]
     metrics = summarise(sim, labels, groups=groups)
-    metrics["align_top1_chance"] = 1.0 / len(set(groups))
+    images = len(set(groups))
+    metrics["align_top1_chance"] = 1.0 / images
     metrics["align_tweets"] = float(len(tweets))
-    metrics["align_images"] = float(len(set(groups)))
+    metrics["align_images"] = float(images)
     for layer, s in enumerate(per_layer):
         metrics.update(summarise(s, labels, f"_l{layer}", groups))
     files = {"json": run_dir / "alignment.json", "png": run_dir / "alignment.png"}
