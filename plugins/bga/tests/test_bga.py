@@ -419,6 +419,44 @@ def test_cycle_false_has_no_cycle_loss(make):
     assert out.parts["loss_bga"] == pytest.approx(out.parts["loss_recon"], rel=1e-6)
 
 
+@pytest.mark.parametrize("cycle_grad", ["both", "first"])
+def test_cycle_grad_first_trains_only_the_generator_that_made_the_intermediate(make, cycle_grad):
+    """V_bar = G_t2v(T_hat) and T_bar = G_v2t(V_hat) on intermediate features given as leaves:
+    the generators appear only as the second of each cycle, so with ``first`` no cycle gradient
+    reaches their weights, while the intermediate features get it either way."""
+    from mner_bench_bga.model import BgaStreams
+
+    model = make(cycle_grad=cycle_grad, alpha=1.0).train()
+    al = model.aligner
+    B, L, nv = 2, 5, al.g_t2v.num_queries
+    dt, dv = model.text_encoder.hidden_size, model.visual_encoder.hidden_size
+    torch.manual_seed(3)
+    t, v = torch.randn(B, L, dt), torch.randn(B, nv, dv)
+    t_hat, v_hat = torch.randn(B, L, dt, requires_grad=True), torch.randn(B, nv, dv, requires_grad=True)
+    ones_t, ones_v = torch.ones(B, L), torch.ones(B, nv)
+    out = BgaStreams(t, [], [], [], [], [], [])
+    al._losses(out, t, v, t_hat, v_hat, ones_t, ones_v, ones_t.bool(), ones_v.bool(), torch.ones(B, dtype=torch.bool))
+    out.cycle[0].sum().backward()
+    assert t_hat.grad.abs().sum() > 0 and v_hat.grad.abs().sum() > 0
+    generator_grads = [p.grad for g in (al.g_t2v, al.g_v2t) for p in g.parameters()]
+    if cycle_grad == "first":
+        assert all(g is None for g in generator_grads)
+    else:
+        assert all(g is not None for g in generator_grads) and any(g.abs().sum() > 0 for g in generator_grads)
+
+
+def test_cycle_grad_first_computes_the_same_losses(make):
+    batch = make_batch(make())
+    losses = {}
+    for mode in ("both", "first"):
+        model = make(cycle_grad=mode, alpha=1.0).eval()
+        s = model.aligner.streams(batch, model.text_encoder, model.visual_encoder, mode="generate")
+        losses[mode] = torch.stack(s.cycle)
+    assert torch.allclose(losses["both"], losses["first"])
+    with pytest.raises(ConfigError, match="aligner.cycle_grad"):
+        make(cycle_grad="second")
+
+
 def test_mcg_false_is_structurally_bert_crf(make, encoders):
     model = make(mcg=False)
     assert model.aligner.uses_images is False
