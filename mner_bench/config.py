@@ -81,6 +81,10 @@ class TrainConfig:
     precision: str = "auto"
     #: keep checkpoints (best dev epoch, and the last epoch for --resume) in the output folder
     save_checkpoint: bool = True
+    #: keep ``checkpoints/last.pt`` (the last epoch's weights and training state) when the run
+    #: finishes, e.g. to analyse the final weights (``analyze-alignment --checkpoint``); by
+    #: default a finished run keeps ``best.pt`` only
+    keep_last: bool = False
     #: multimodal methods: also score the test set with uniform empty images and with no images
     eval_missing_images: bool = True
 

@@ -461,7 +461,8 @@ def run(cfg: DictConfig, registry: Registry, resume: Path | None = None) -> RunR
         model.load_state_dict(best_state)
         result = _finish(model, batcher, cfg, device, amp, ctx, state, enc_train, enc_test, test_tweets)
         registry.hook.mner_bench_run_finish(run=ctx, result=result)
-        (ckpt_dir / "last.pt").unlink(missing_ok=True)  # finished: nothing to resume; best.pt stays
+        if not cfg.train.keep_last:
+            (ckpt_dir / "last.pt").unlink(missing_ok=True)  # finished: nothing to resume; best.pt stays
         result.tracking_id = ctx.extras.get("mlflow_run_id")
         result.tracking_uri = ctx.extras.get("mlflow_uri")
         return result

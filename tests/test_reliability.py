@@ -146,6 +146,16 @@ def test_unreachable_tracking_server_trains_anyway_and_logs_later(tmp_path, fake
     assert not (folder / "tracking_pending.txt").exists()
 
 
+def test_keep_last_keeps_the_last_epochs_checkpoint(tmp_path, fake_t15):
+    import torch
+
+    assert main(["run", "bertcrf", *_opts(tmp_path), "--epochs", "2", "train.keep_last=true",
+                 "tracking.enabled=false"]) == 0
+    folder = next((tmp_path / "runs").iterdir())
+    ckpt = torch.load(folder / "checkpoints" / "last.pt", weights_only=False)
+    assert ckpt["state"]["epoch"] == 2 and (folder / "checkpoints" / "best.pt").exists()
+
+
 @pytest.fixture(autouse=True)
 def _fresh_registry(monkeypatch):
     monkeypatch.setattr(registry_module, "_REGISTRY", None)
