@@ -115,6 +115,16 @@ def image_groups(images: torch.Tensor) -> list[bytes]:
     return [hashlib.sha256(row.numpy().tobytes()).digest() for row in flat]
 
 
+def same_image(n: int, groups: list | None = None) -> torch.Tensor:
+    """``[n, n]`` bool: image j is tweet i's own image or a pixel-identical copy of it (the
+    diagonal alone without ``groups``)."""
+    if groups is None:
+        return torch.eye(n, dtype=torch.bool)
+    ids = {g: k for k, g in enumerate(dict.fromkeys(groups))}
+    gid = torch.tensor([ids[g] for g in groups])
+    return gid[:, None] == gid[None, :]
+
+
 def summarise(sim: torch.Tensor, labels: list[str | None] | None = None, suffix: str = "",
               groups: list | None = None) -> dict[str, float]:
     """The metrics of one ``[n, n]`` similarity matrix (row i: tweet i's generated features).
@@ -124,12 +134,7 @@ def summarise(sim: torch.Tensor, labels: list[str | None] | None = None, suffix:
     image (it cannot be told apart from it): it is neither a competitor nor an "other" image."""
     n = sim.size(0)
     own = sim.diagonal()
-    if groups is None:
-        same = torch.eye(n, dtype=torch.bool)
-    else:
-        ids = {g: k for k, g in enumerate(dict.fromkeys(groups))}
-        gid = torch.tensor([ids[g] for g in groups])
-        same = gid[:, None] == gid[None, :]
+    same = same_image(n, groups)
     off = ~same
     m = {
         f"align_top1{suffix}": float(same[torch.arange(n), sim.argmax(1)].float().mean()),
@@ -150,16 +155,18 @@ def summarise(sim: torch.Tensor, labels: list[str | None] | None = None, suffix:
     return m
 
 
-def _plot(sim: torch.Tensor, path: Path, title: str) -> None:
+def _plot(sim: torch.Tensor, path: Path, title: str, groups: list | None = None) -> None:
+    """Histograms of the own-image and the other-image similarities; copies of the own image
+    (same ``groups`` key) are the own image, as in :func:`summarise`, not "other images"."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n = sim.size(0)
-    off = ~torch.eye(n, dtype=torch.bool)
+    off = ~same_image(sim.size(0), groups)
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
-    ax.hist(sim[off].numpy(), bins=40, alpha=0.6, density=True, label="other images")
+    if off.any():
+        ax.hist(sim[off].numpy(), bins=40, alpha=0.6, density=True, label="other images")
     ax.hist(sim.diagonal().numpy(), bins=40, alpha=0.6, density=True, label="own image")
     ax.set_xlabel("cosine(generated visual, real visual)")
     ax.set_ylabel("density")
@@ -254,7 +261,8 @@ def analyze_alignment(run: str, registry=None, split: str = "test", pool: str = 
     files["json"].write_text(json.dumps({"split": split, "pool": pool, "center": center, "tweets": len(tweets),
                                          "checkpoint": str(ckpt_path), "epoch": epoch, "metrics": metrics},
                                         indent=2, sort_keys=True) + "\n")
-    _plot(sim, files["png"], f"{run_dir.name}: {split}, {len(tweets)} tweets, pool={pool}{', centred' if center else ''}")
+    _plot(sim, files["png"], f"{run_dir.name}: {split}, {len(tweets)} tweets ({images} images), "
+          f"pool={pool}{', centred' if center else ''}", groups)
     run_id = (_log_to_mlflow(cfg, run_dir, metrics, list(files.values()), tracking_uri, step=epoch or 0)
               if log_mlflow else None)
     return AlignmentResult(metrics, len(tweets), split, pool, center, run_dir, files, run_id, str(ckpt_path), epoch)

@@ -631,6 +631,14 @@ def test_image_groups_are_equal_for_identical_images_only():
     assert len(set(image_groups(x))) == 3
 
 
+def test_same_image_marks_copies_of_the_own_image():
+    from mner_bench_bga.analysis import same_image
+
+    assert torch.equal(same_image(3), torch.eye(3, dtype=torch.bool))
+    expected = torch.tensor([[True, False, True], [False, True, False], [True, False, True]])
+    assert torch.equal(same_image(3, ["a", "b", "a"]), expected)
+
+
 def vis_n(model: MnerModel) -> int:
     return model.visual_encoder.num_tokens
 
