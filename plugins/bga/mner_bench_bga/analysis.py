@@ -43,7 +43,8 @@ a competitor (:func:`image_groups`).
 * the same per layer, suffixed ``_l{l}``.
 
 Results are printed, written to ``<run>/alignment.json`` and ``alignment.png`` (histograms of
-own vs other similarities), and logged to the run's MLflow run (metrics and both files).
+own vs other similarities), and logged to the run's MLflow run (metrics and both files). Another
+split than test writes ``alignment_<split>.json`` / ``.png`` and logs ``<split>_align_*``.
 """
 
 from __future__ import annotations
@@ -257,13 +258,17 @@ def analyze_alignment(run: str, registry=None, split: str = "test", pool: str = 
     metrics["align_images"] = float(images)
     for layer, s in enumerate(per_layer):
         metrics.update(summarise(s, labels, f"_l{layer}", groups))
-    files = {"json": run_dir / "alignment.json", "png": run_dir / "alignment.png"}
+    # the test split (the paper's Figure 3) keeps the plain names; another split gets its own
+    # files and metric names, so that analysing it never overwrites the test figures
+    stem = "alignment" if split == "test" else f"alignment_{split}"
+    files = {"json": run_dir / f"{stem}.json", "png": run_dir / f"{stem}.png"}
     files["json"].write_text(json.dumps({"split": split, "pool": pool, "center": center, "tweets": len(tweets),
                                          "checkpoint": str(ckpt_path), "epoch": epoch, "metrics": metrics},
                                         indent=2, sort_keys=True) + "\n")
     _plot(sim, files["png"], f"{run_dir.name}: {split}, {len(tweets)} tweets ({images} images), "
           f"pool={pool}{', centred' if center else ''}", groups)
-    run_id = (_log_to_mlflow(cfg, run_dir, metrics, list(files.values()), tracking_uri, step=epoch or 0)
+    logged = metrics if split == "test" else {f"{split}_{k}": v for k, v in metrics.items()}
+    run_id = (_log_to_mlflow(cfg, run_dir, logged, list(files.values()), tracking_uri, step=epoch or 0)
               if log_mlflow else None)
     return AlignmentResult(metrics, len(tweets), split, pool, center, run_dir, files, run_id, str(ckpt_path), epoch)
 

@@ -755,6 +755,12 @@ def test_a_tiny_run_logs_generation_losses_per_epoch_and_the_alignment_analysis(
     assert steps == {res.epoch, 7}
     with pytest.raises(MnerBenchError, match="no such checkpoint"):
         analyze_alignment(str(result.output_dir), reg, checkpoint=tmp_path / "missing.pt")
+    # another split: its own files and metric names; the test figures stay as they were
+    train = analyze_alignment(str(result.output_dir), reg, split="train")
+    m = client.get_run(result.tracking_id).data.metrics
+    assert m["train_align_top1"] == pytest.approx(train.metrics["align_top1"]) and train.tweets == 8
+    assert m["align_top1"] == pytest.approx(res.metrics["align_top1"])
+    assert set(train.files.values()) == {result.output_dir / "alignment_train.json", result.output_dir / "alignment_train.png"}
 
     # Table 4: the same checkpoint scored with real visual features (mner-bench evaluate)
     from mner_bench.evaluate import evaluate_run
