@@ -384,7 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tweets", type=int, help="analyse only the first N tweets with an image")
     p.add_argument("--tracking-uri", help="MLflow store of the run (default: the run's own tracking settings)")
     p.add_argument("--checkpoint", help="checkpoint file to analyse instead of the run's checkpoints/best.pt "
-                                        "(e.g. a copy of its last.pt); metrics are logged at its epoch's step")
+                                        "(e.g. its checkpoints/last.pt, kept with train.keep_last=true); metrics are "
+                                        "logged at its epoch's step")
     p.set_defaults(func=cmd_analyze_alignment)
     p = sub.add_parser("evaluate", help="score a finished run's model again on a split, with config overrides")
     p.add_argument("run", help="the run's output folder or MLflow run id")

@@ -77,7 +77,7 @@ class AlignmentResult:
     epoch: int | None = None
 
 
-def load_run(run_dir: Path, registry, checkpoint: Path | None = None):
+def load_run(run_dir: Path, registry, checkpoint: str | Path | None = None):
     """(resolved config, model with the best checkpoint's weights or ``checkpoint``'s, the
     checkpoint's path, its epoch) of a bga run's folder; the checkpoint file is read once."""
     from mner_bench.evaluate import model_from_checkpoint, read_checkpoint, run_config
@@ -213,8 +213,8 @@ def analyze_alignment(run: str, registry=None, split: str = "test", pool: str = 
     """Run the analysis on a trained run (folder or MLflow run id); see the module docstring.
 
     ``checkpoint``: a checkpoint file of the run to analyse instead of the best dev epoch's
-    ``checkpoints/best.pt`` (e.g. a copy of ``last.pt``); the metrics are logged at the step of
-    the checkpoint's epoch."""
+    ``checkpoints/best.pt`` (e.g. its ``checkpoints/last.pt``, kept by runs with
+    ``train.keep_last=true``); the metrics are logged at the step of the checkpoint's epoch."""
     from mner_bench.evaluate import split_tweets
     from mner_bench.images import make_image_provider
     from mner_bench.predict import run_folder
@@ -223,7 +223,7 @@ def analyze_alignment(run: str, registry=None, split: str = "test", pool: str = 
 
     registry = registry or get_registry()
     run_dir = run_folder(run, tracking_uri)
-    cfg, model, ckpt_path, epoch = load_run(run_dir, registry, Path(checkpoint) if checkpoint is not None else None)
+    cfg, model, ckpt_path, epoch = load_run(run_dir, registry, checkpoint)
     _, tweets = split_tweets(cfg, registry, split)
     ctx = RunContext(cfg, run_dir, run_dir.name, registry)
     provider = make_image_provider(cfg, model, ctx)
